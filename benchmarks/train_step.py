@@ -1,0 +1,152 @@
+"""Training-step cost of diff pruning vs full fine-tuning on the packaged MiniLM (CPU).
+
+Each method runs in its own process so that peak memory (max RSS) is not polluted by another method's tensors.
+Step time is the median over timed steps after warm-up; all methods see the same batches.
+
+    python benchmarks/train_step.py --batch_size 32 --seq_len 128 --steps 6 --output benchmarks/results/train_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+METHODS = ("full", "diff_pruning", "diff_pruning_structured", "eval_base", "eval_diff_pruning")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(method: str, model_path: str):
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    import peft_diffprune  # noqa: F401
+    from peft_diffprune import DiffPruningConfig, param_groups
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    if method in ("full", "eval_base"):
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+    config = DiffPruningConfig(task_type="SEQ_CLS", structured=method.endswith("structured"))
+    model = get_peft_model(model, config)
+    return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
+
+
+def run_one(args) -> dict:
+    from peft_diffprune.hub import packaged_minilm_path
+
+    torch.set_num_threads(args.threads)
+    model_path = args.model or packaged_minilm_path()
+    model, optimizer = build(args.method, model_path)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    batches = [
+        {
+            "input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=generator),
+            "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
+            "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),
+        }
+        for _ in range(2)
+    ]
+    rss_before = rss_mib()
+    times = []
+    evaluating = args.method.startswith("eval")
+    model.train(not evaluating)
+    for step in range(args.warmup + args.steps):
+        batch = batches[step % 2]
+        start = time.perf_counter()
+        if evaluating:
+            with torch.no_grad():
+                model(**batch)
+        else:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "method": args.method,
+        "step_time_s": statistics.median(times),
+        "step_times_s": times,
+        "rss_before_training_mib": rss_before,
+        "peak_rss_mib": peak,
+        "peak_over_loaded_mib": peak - rss_before,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=METHODS, help="run one method in this process (internal)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="benchmarks/results/train_step.json")
+    args = parser.parse_args()
+    if args.method:
+        print(json.dumps(run_one(args)))
+        return
+    results = {}
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--method", method] + [
+            f"--{k}={v}" for k in ("batch_size", "seq_len", "steps", "warmup", "threads") for v in [getattr(args, k)]
+        ]
+        if args.model:
+            cmd.append(f"--model={args.model}")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[method] = json.loads(out.strip().splitlines()[-1])
+        print(method, {k: round(v, 3) for k, v in results[method].items() if isinstance(v, float)}, flush=True)
+    for train_or_eval, reference in (("", "full"), ("eval_", "eval_base")):
+        if reference not in results:
+            continue
+        ref = results[reference]
+        for method, res in results.items():
+            if method.startswith("eval") != bool(train_or_eval):
+                continue
+            res["time_ratio"] = res["step_time_s"] / ref["step_time_s"]
+            res["peak_rss_ratio"] = res["peak_rss_mib"] / ref["peak_rss_mib"]
+            res["peak_over_loaded_ratio"] = res["peak_over_loaded_mib"] / ref["peak_over_loaded_mib"]
+    record = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "settings": {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "threads")},
+        "results": results,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    for method, res in results.items():
+        if "time_ratio" in res:
+            print(
+                f"{method:28s} time x{res['time_ratio']:.3f}  peak RSS x{res['peak_rss_ratio']:.3f}  "
+                f"peak over loaded x{res['peak_over_loaded_ratio']:.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+
+@dataclass
+class DiffPruningConfig(PeftConfig):
+    """Configuration class for [`DiffPruningModel`].
+
+    Diff pruning (Guo, Rush and Kim, ACL 2021) keeps the pretrained weights frozen and learns a task-specific diff
+    `delta = z * w` for every targeted parameter, where `z` is a hard-concrete gate with logits `alpha` trained
+    under an expected-L0 penalty. After training the diff is projected to an exact sparsity and the kept entries are
+    fine-tuned with the mask fixed (see [`project_to_sparsity`]).
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Modules whose parameters (weights and biases) get a diff. A list matches module names exactly or by
+            suffix, a string is a regex matched against the full name. `None` (default) targets every supported
+            module of the model (`nn.Linear`, `nn.Embedding`, `nn.Conv2d`, transformers' `Conv1D`, `nn.LayerNorm` and
+            RMS-norm style layers), so that all parameters outside `modules_to_save` get a diff, as in the paper.
+            Modules whose weight is tied to another module's (e.g. a language-model head tied to the input
+            embedding) are skipped by the default and refused when named explicitly.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Modules to leave untouched, matched like `target_modules`.
+        modules_to_save (`Optional[list[str]]`):
+            Modules trained densely and saved in full, not gated (task heads). For sequence classification PEFT adds
+            the `classifier`/`score` head on its own.
+        target_sparsity (`float`):
+            Fraction of the base model's parameters (outside `modules_to_save`) that may remain in the diff after
+            projection, in (0, 1]. The paper uses 0.005.
+        l0_lambda (`float`):
+            Weight of the expected-L0 penalty, added to the task loss in training mode (`loss + l0_lambda * E[L0]`,
+            with E[L0] summed over all diff entries). The paper uses 1.25e-7.
+        alpha_init (`float`):
+            Initial gate logit for every entry (and every group in the structured variant). 5.0 opens nearly all
+            gates at the start.
+        stretch (`tuple[float, float]`):
+            The hard-concrete stretch interval `(l, r)` with `l < 0` and `r > 1`. The paper uses (-1.5, 1.5).
+        structured (`bool`):
+            Structured diff pruning: one extra gate per parameter tensor, multiplied into every entry's gate.
+        group_penalty (`str`):
+            Penalty of the structured variant. `"product"` (default) is the paper's form, every entry's open
+            probability weighted by its group's; `"sum"` adds the per-entry and per-group terms as the authors'
+            code does.
+        init_weights (`bool`):
+            `True` (default) starts every diff at zero, so the adapted model equals the base model. `False` draws a
+            small random diff (normal, std 0.02), which tests use to get a non-identity adapter.
+        kept_pattern (`dict[str, int]`):
+            Set by [`project_to_sparsity`]: the number of kept diff entries per targeted parameter (keys
+            `"<module name>.<parameter name>"`). When it is set, layers are built in the sparse state (flat indices
+            and values, no gates), which is what saved sparse adapters load into.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules whose parameters get a diff: a list of names or suffixes, or a regex. None targets every "
+                "supported module, as in the paper."
+            )
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules not to adapt: a list of names or suffixes, or a regex."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained densely and saved in full (task heads), never gated."},
+    )
+    target_sparsity: float = field(
+        default=0.005,
+        metadata={"help": "Fraction of base parameters kept in the diff after projection, in (0, 1]."},
+    )
+    l0_lambda: float = field(
+        default=1.25e-7,
+        metadata={"help": "Weight of the expected-L0 penalty added to the training loss."},
+    )
+    alpha_init: float = field(default=5.0, metadata={"help": "Initial gate logit (and group gate logit)."})
+    stretch: tuple[float, float] = field(
+        default=(-1.5, 1.5),
+        metadata={"help": "Hard-concrete stretch interval (l, r), with l < 0 and r > 1."},
+    )
+    structured: bool = field(
+        default=False,
+        metadata={"help": "Add one gate per parameter tensor (structured diff pruning)."},
+    )
+    group_penalty: Literal["product", "sum"] = field(
+        default="product",
+        metadata={"help": "Structured penalty: the paper's 'product' form or the authors' code's 'sum' form."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: diffs start at zero (identity). False: small random diffs, for tests."},
+    )
+    kept_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "Kept diff entries per '<module>.<parameter>' after projection; set by project_to_sparsity. When "
+                "set, layers are built in the sparse (fixed-mask) state."
+            )
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.DIFF_PRUNING
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        # JSON round trips turn the tuple into a list
+        self.stretch = tuple(float(v) for v in self.stretch)
+
+        if not (isinstance(self.target_sparsity, (int, float)) and 0 < self.target_sparsity <= 1):
+            raise ValueError(
+                f"target_sparsity must be in (0, 1] (the fraction of parameters kept in the diff, e.g. 0.005 for "
+                f"0.5%), got {self.target_sparsity!r}."
+            )
+        if not math.isfinite(self.l0_lambda) or self.l0_lambda < 0:
+            raise ValueError(f"l0_lambda must be a finite number >= 0 (the paper uses 1.25e-7), got {self.l0_lambda}.")
+        if not math.isfinite(self.alpha_init):
+            raise ValueError(f"alpha_init must be a finite gate logit (the paper uses 5.0), got {self.alpha_init}.")
+        if len(self.stretch) != 2:
+            raise ValueError(f"stretch must be a pair (l, r), got {self.stretch!r}.")
+        left, right = self.stretch
+        if not (math.isfinite(left) and math.isfinite(right) and left < 0 and right > 1):
+            raise ValueError(
+                f"stretch (l, r) must satisfy l < 0 and r > 1 so that gates can be exactly 0 and exactly 1, got "
+                f"{self.stretch!r}; the paper uses (-1.5, 1.5)."
+            )
+        if self.group_penalty not in ("product", "sum"):
+            raise ValueError(f"group_penalty must be 'product' or 'sum', got {self.group_penalty!r}.")
+        for key, count in self.kept_pattern.items():
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"kept_pattern[{key!r}] must be a non-negative int, got {count!r}.")

@@ -1,0 +1,169 @@
+"""Hard-concrete gates and the expected-L0 penalty of diff pruning, as pure tensor functions.
+
+Notation follows Guo, Rush and Kim (2021) and Louizos, Welling and Kingma (2018): per diff entry a gate logit
+`alpha`, a stretch interval `(l, r)` with `l < 0 < 1 < r`, and a gate `z` in [0, 1] with an atom at exactly 0 (the
+entry is pruned) and at exactly 1.
+
+The training-time gate is an autograd function that keeps only the sampled gate `z` for the backward pass: the
+derivative of the stretched sigmoid can be recovered from `z` itself where `0 < z < 1` and is zero elsewhere, so no
+uniform noise, logits or sigmoid outputs are held between forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+#: Clamp for the uniform noise, as in the authors' code: keeps log(u) and log(1 - u) finite.
+NOISE_EPS = 1e-4
+
+
+def l0_shift(stretch: tuple[float, float]) -> float:
+    """`log(-l / r)`: the shift inside the sigmoid of the expected-L0 formula (0 for the symmetric stretch)."""
+    left, right = stretch
+    return math.log(-left / right)
+
+
+def deterministic_gate(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """Evaluation-time gate `z = min(1, max(0, sigmoid(alpha) * (r - l) + l))` (Louizos et al., eq. 13)."""
+    left, right = stretch
+    return torch.sigmoid(alpha).mul(right - left).add(left).clamp(0.0, 1.0)
+
+
+def sample_gate_from_noise(alpha: torch.Tensor, noise: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """Hard-concrete sample for given uniform noise `u`, written with plain differentiable ops.
+
+    `s = sigmoid(log u - log(1 - u) + alpha)`, `z = min(1, max(0, s * (r - l) + l))`. This is the reference
+    formula; training uses [`hard_concrete_delta`], which computes the same values with less memory.
+    """
+    left, right = stretch
+    noise = noise.clamp(NOISE_EPS, 1.0 - NOISE_EPS)
+    s = torch.sigmoid(torch.log(noise) - torch.log1p(-noise) + alpha)
+    return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+def _sample_gate(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """A fresh hard-concrete sample for every entry of `alpha`, computed in place on one buffer."""
+    left, right = stretch
+    z = torch.rand_like(alpha, dtype=torch.float32).clamp_(NOISE_EPS, 1.0 - NOISE_EPS)
+    # s = sigmoid(logit(u) + alpha) with logit(u) = -log(1 / u - 1): every step in place on the noise buffer
+    z.reciprocal_().sub_(1.0).log_().neg_().add_(alpha).sigmoid_()
+    return z.mul_(right - left).add_(left).clamp_(0.0, 1.0)
+
+
+def _gate_derivative(z: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """dz/dalpha from the sampled gate alone.
+
+    Inside (0, 1), `z = s (r - l) + l` with `ds/dalpha = s (1 - s)`, so `dz/dalpha = (z - l)(r - z) / (r - l)`;
+    where the sample was clamped to exactly 0 or 1 the gate does not move with alpha.
+    """
+    left, right = stretch
+    derivative = (z - left).mul_(right - z).div_(right - left)
+    return derivative.masked_fill_(torch.logical_or(z <= 0, z >= 1), 0.0)
+
+
+class _HardConcreteDelta(torch.autograd.Function):
+    """`delta = z * w * group` with `z ~ HardConcrete(alpha)`; saves only `z` (and the inputs) for backward."""
+
+    @staticmethod
+    def forward(ctx, w, alpha, group, stretch):
+        with torch.no_grad():
+            z = _sample_gate(alpha.detach(), stretch)
+        ctx.stretch = stretch
+        ctx.save_for_backward(w, alpha, group, z)
+        delta = z * w
+        return delta if group is None else delta.mul_(group)
+
+    @staticmethod
+    def backward(ctx, grad_delta):
+        w, alpha, group, z = ctx.saved_tensors
+        grad_w = grad_alpha = grad_group = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = _gate_derivative(z, ctx.stretch).mul_(grad_delta).mul_(w)
+            if group is not None:
+                grad_alpha.mul_(group)
+        if ctx.needs_input_grad[0] or (group is not None and ctx.needs_input_grad[2]):
+            grad_z = grad_delta * z
+            if group is not None:
+                # d(sum grad * z * w * group) / d group = <grad * z, w>
+                grad_group = torch.dot(grad_z.reshape(-1), w.reshape(-1).to(grad_z.dtype)).reshape(group.shape)
+                grad_w = grad_z.mul_(group)
+            else:
+                grad_w = grad_z
+        return grad_w, grad_alpha, grad_group, None
+
+
+def hard_concrete_delta(
+    w: torch.Tensor,
+    alpha: torch.Tensor,
+    stretch: tuple[float, float],
+    group_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sampled diff `delta = z * w` (times the structured group gate if given), differentiable in `w`,
+    `alpha` and `group_gate`.
+
+    Args:
+        w: the dense diff, any shape.
+        alpha: gate logits, same shape as `w`.
+        stretch: `(l, r)`.
+        group_gate: optional 0-d gate `z^j` of the tensor's group (structured diff pruning).
+    """
+    return _HardConcreteDelta.apply(w, alpha, group_gate, stretch)
+
+
+def sample_group_gate(group_alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """Hard-concrete sample of a (small) tensor of group logits, with ordinary autograd."""
+    noise = torch.rand_like(group_alpha, dtype=torch.float32)
+    return sample_gate_from_noise(group_alpha, noise, stretch)
+
+
+class _SigmoidSum(torch.autograd.Function):
+    """`sum(sigmoid(alpha - shift))` without keeping the sigmoid output for backward."""
+
+    @staticmethod
+    def forward(ctx, alpha, shift):
+        ctx.shift = shift
+        ctx.save_for_backward(alpha)
+        return _shifted_sigmoid(alpha, shift).sum(dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (alpha,) = ctx.saved_tensors
+        s = _shifted_sigmoid(alpha, ctx.shift)
+        # one fused pass: grad * s * (1 - s)
+        return torch.ops.aten.sigmoid_backward(grad.to(s.dtype).expand_as(s), s), None
+
+
+def _shifted_sigmoid(alpha: torch.Tensor, shift: float) -> torch.Tensor:
+    return torch.sigmoid(alpha) if shift == 0 else torch.sigmoid(alpha - shift)
+
+
+def expected_l0(alpha: torch.Tensor, stretch: tuple[float, float], group_alpha: torch.Tensor | None = None):
+    """Closed-form expected number of non-zero gates, `sum_i sigmoid(alpha_i - log(-l / r))`.
+
+    With `group_alpha` (structured diff pruning, the paper's multiplicative form) every entry is weighted by its
+    group's open probability: `sigmoid(alpha^j - log(-l / r)) * sum_i sigmoid(alpha_i - log(-l / r))`.
+    Returns a 0-d fp32 tensor, differentiable in `alpha` (and `group_alpha`).
+    """
+    shift = l0_shift(stretch)
+    total = _SigmoidSum.apply(alpha, shift)
+    if group_alpha is not None:
+        total = total * torch.sigmoid(group_alpha.float() - shift).sum()
+    return total
+
+
+def prob_gate_zero(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """P(z = 0) under the hard-concrete distribution: `sigmoid(log(-l / r) - alpha)`.
+
+    z = 0 exactly when `s * (r - l) + l <= 0`, i.e. `s <= -l / (r - l)`, whose log-odds are `log(-l / r)`.
+    """
+    return torch.sigmoid(l0_shift(stretch) - alpha)
+
+
+def prob_gate_one(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
+    """P(z = 1): z = 1 exactly when `s >= (1 - l) / (r - l)`, i.e. `u >= sigmoid(logit((1 - l) / (r - l)) - alpha)`."""
+    left, right = stretch
+    threshold = (1 - left) / (right - left)
+    return torch.sigmoid(alpha - math.log(threshold / (1 - threshold)))

@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from .config import DiffPruningConfig
+from .gates import deterministic_gate, hard_concrete_delta, sample_group_gate
+
+
+#: Standard deviation of the random diff drawn with `init_weights=False`.
+RANDOM_DIFF_STD = 0.02
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and the RMS-norm style classes of transformers (`LlamaRMSNorm`, `T5LayerNorm`, ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    return (
+        (name.endswith("RMSNorm") or name.endswith("LayerNorm"))
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and not list(module.children())
+    )
+
+
+def is_supported_module(module: nn.Module) -> bool:
+    """Whether diff pruning can wrap `module` (its own parameters get diffs)."""
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d, Conv1D)) or is_norm_layer(module)
+
+
+class DiffState(nn.Module):
+    """The diff of one adapter on one wrapped module.
+
+    For every targeted parameter `t` of the base module it holds either the gated state of training
+    (`{t}_diff`: the dense diff `w`, `{t}_alpha`: gate logits, `{t}_group_alpha`: the structured group logit) or the
+    sparse state after projection (`{t}_indices`: flat positions, a persistent integer buffer, `{t}_values`: the
+    kept diff entries). Keeping the sparse state as real module state is what lets every PEFT and transformers
+    loader restore it.
+    """
+
+    def __init__(self, stretch: tuple[float, float]):
+        super().__init__()
+        self.stretch = stretch
+        self.tensor_names: list[str] = []
+
+    def is_sparse(self, name: str) -> bool:
+        return hasattr(self, f"{name}_indices")
+
+    def add_gated(self, name: str, base: torch.Tensor, config: DiffPruningConfig) -> None:
+        kwargs = {"dtype": torch.float32, "device": base.device}
+        diff = torch.zeros(base.shape, **kwargs)
+        if not config.init_weights:
+            diff.normal_(0.0, RANDOM_DIFF_STD)
+        self.register_parameter(f"{name}_diff", nn.Parameter(diff))
+        self.register_parameter(f"{name}_alpha", nn.Parameter(torch.full(base.shape, config.alpha_init, **kwargs)))
+        if config.structured:
+            self.register_parameter(f"{name}_group_alpha", nn.Parameter(torch.tensor(config.alpha_init, **kwargs)))
+        self.tensor_names.append(name)
+
+    def add_sparse(self, name: str, base: torch.Tensor, num_kept: int, config: DiffPruningConfig) -> None:
+        index_dtype = torch.int32 if base.numel() < 2**31 else torch.int64
+        if config.init_weights:
+            indices = torch.zeros(num_kept, dtype=index_dtype, device=base.device)
+            values = torch.zeros(num_kept, dtype=torch.float32, device=base.device)
+        else:
+            indices = torch.randperm(base.numel(), device=base.device)[:num_kept].sort().values.to(index_dtype)
+            values = torch.randn(num_kept, device=base.device) * RANDOM_DIFF_STD
+        self.register_buffer(f"{name}_indices", indices, persistent=True)
+        self.register_parameter(f"{name}_values", nn.Parameter(values))
+        self.tensor_names.append(name)
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        """Every tensor that determines the diff of parameter `name` (used to key the eval cache)."""
+        suffixes = ("indices", "values") if self.is_sparse(name) else ("diff", "alpha", "group_alpha")
+        return [getattr(self, f"{name}_{s}") for s in suffixes if hasattr(self, f"{name}_{s}")]
+
+    def group_gate(self, name: str, sample: bool) -> torch.Tensor | None:
+        group_alpha = getattr(self, f"{name}_group_alpha", None)
+        if group_alpha is None:
+            return None
+        return (
+            sample_group_gate(group_alpha, self.stretch) if sample else deterministic_gate(group_alpha, self.stretch)
+        )
+
+    def gated_delta(self, name: str, sample: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`z * w` (times the group gate): sampled in training, deterministic in eval; only `rows` if given."""
+        diff, alpha = getattr(self, f"{name}_diff"), getattr(self, f"{name}_alpha")
+        if rows is not None:
+            diff, alpha = diff[rows], alpha[rows]
+        group = self.group_gate(name, sample)
+        if sample:
+            return hard_concrete_delta(diff, alpha, self.stretch, group)
+        delta = deterministic_gate(alpha, self.stretch) * diff
+        return delta if group is None else delta * group
+
+    def apply(self, name: str, base: torch.Tensor, sample: bool) -> torch.Tensor:
+        """`base + delta` for parameter `name`, out of place, in the dtype of `base`."""
+        if self.is_sparse(name):
+            indices = getattr(self, f"{name}_indices").long()
+            values = getattr(self, f"{name}_values").to(base.dtype)
+            return base.reshape(-1).index_add(0, indices, values).view_as(base)
+        return base + self.gated_delta(name, sample).to(base.dtype)
+
+    def merge_positions(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat positions touched by the diff and the merged values there (deterministic gate)."""
+        flat = base.detach().reshape(-1)
+        if self.is_sparse(name):
+            indices = getattr(self, f"{name}_indices").long()
+            values = getattr(self, f"{name}_values").detach().to(flat.dtype)
+            merged = flat.index_add(0, indices, values)
+            return indices.unique(), merged
+        delta = self.gated_delta(name, sample=False).detach().reshape(-1)
+        indices = delta.nonzero().squeeze(1)
+        return indices, flat.index_add(0, indices, delta[indices].to(flat.dtype))
+
+
+class DiffPruningLayer(BaseTunerLayer):
+    """Diff pruning around one module: each targeted parameter `theta` is used as `theta + delta` (Guo et al.).
+
+    Merging writes the diff into the base weights at the touched positions only and keeps the original values of
+    those positions, so unmerging restores the base weights bit for bit in any dtype.
+    """
+
+    adapter_layer_names = ("diff_pruning_state",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.diff_pruning_state = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._eval_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """The floating-point parameters of the base module that can carry a diff."""
+        return {
+            name: param
+            for name, param in self.get_base_layer().named_parameters(recurse=False)
+            if param.is_floating_point()
+        }
+
+    def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str = "") -> None:
+        """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set."""
+        state = DiffState(config.stretch)
+        for name, param in self.base_parameters().items():
+            if not config.kept_pattern:
+                state.add_gated(name, param, config)
+                continue
+            num_kept = config.kept_pattern.get(f"{module_name}.{name}" if module_name else name, 0)
+            if num_kept > param.numel():
+                raise ValueError(
+                    f"kept_pattern asks for {num_kept} entries of {module_name}.{name}, which has only "
+                    f"{param.numel()}: the adapter was made for a different base model."
+                )
+            if num_kept > 0:
+                state.add_sparse(name, param, num_kept, config)
+        self.diff_pruning_state[adapter_name] = state
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _active_states(self) -> list[DiffState]:
+        states = (self.diff_pruning_state[a] for a in self.active_adapters if a in self.diff_pruning_state)
+        return [state for state in states if state.tensor_names]
+
+    def effective_parameters(self, states: list[DiffState]) -> dict[str, torch.Tensor]:
+        """`theta + sum of active deltas` for every parameter that some active adapter changes."""
+        sample = self.training and torch.is_grad_enabled()
+        cacheable = not self.training and not torch.is_grad_enabled()
+        base_params = self.base_parameters()
+        names = [n for n in base_params if any(n in s.tensor_names for s in states)]
+        if cacheable:
+            # the deterministic gate does not change between eval batches: rebuild only when a tensor changed
+            tensors = [base_params[n] for n in names] + [
+                t for s in states for n in s.tensor_names for t in s.tensors(n)
+            ]
+            key = tuple((id(t), t._version) for t in tensors)
+            if self._eval_cache is not None and self._eval_cache[0] == key:
+                return self._eval_cache[1]
+        else:
+            self._eval_cache = None
+        params = {}
+        for name in names:
+            value = base_params[name]
+            for state in states:
+                if name in state.tensor_names:
+                    value = state.apply(name, value, sample)
+            params[name] = value
+        if cacheable:
+            self._eval_cache = (key, params)
+        return params
+
+    def diff_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        states = self._active_states()
+        if self.merged or not states:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(states, x, *args, **kwargs)
+
+    def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        params = self.effective_parameters(states)
+        return functional_call(self.get_base_layer(), params, (x, *args), kwargs)
+
+    def get_delta_weight(self, adapter_name: str, tensor_name: str = "weight") -> torch.Tensor:
+        """The dense diff of one parameter (deterministic gate in the gated state)."""
+        state = self.diff_pruning_state[adapter_name]
+        base = self.base_parameters()[tensor_name]
+        if tensor_name not in state.tensor_names:
+            return torch.zeros_like(base)
+        return state.apply(tensor_name, base.detach().float(), sample=False) - base.detach().float()
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_params = self.base_parameters()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.diff_pruning_state:
+                continue
+            state = self.diff_pruning_state[adapter_name]
+            backup = {}
+            for name in state.tensor_names:
+                param = base_params[name]
+                indices, merged = state.merge_positions(name, param)
+                if safe_merge and not torch.isfinite(merged[indices]).all():
+                    raise ValueError(
+                        f"NaNs or infs in the merged {name} of adapter {adapter_name!r}: the adapter seems broken."
+                    )
+                flat = param.data.view(-1)
+                backup[name] = (indices, flat[indices].clone())
+                flat[indices] = merged[indices]
+            self._merge_backup[adapter_name] = backup
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base_params = self.base_parameters()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            for name, (indices, original) in self._merge_backup.pop(adapter_name, {}).items():
+                base_params[name].data.view(-1)[indices] = original
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._eval_cache = None
+
+
+class Embedding(nn.Module, DiffPruningLayer):
+    """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
+        super().__init__()
+        DiffPruningLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.diff_forward(x, *args, **kwargs)
+
+    def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sampling = self.training and torch.is_grad_enabled()
+        if not sampling or any(s.is_sparse("weight") for s in states if "weight" in s.tensor_names):
+            return super()._adapted_forward(states, x, *args, **kwargs)
+        # Sampling gates for the whole vocabulary would cost a pass over the largest tensor of the model for rows
+        # that this batch never reads; the gates of unused rows get no gradient from the task loss either way.
+        rows, inverse = torch.unique(x, return_inverse=True)
+        delta = sum(s.gated_delta("weight", sample=True, rows=rows) for s in states if "weight" in s.tensor_names)
+        base_out = self.base_layer(x, *args, **kwargs)
+        delta_out = F.embedding(inverse, delta.to(base_out.dtype))
+        embed_scale = self._get_embed_scale()
+        if embed_scale is not None:
+            delta_out = delta_out * embed_scale.to(delta_out.dtype)
+        return base_out + delta_out
+
+
+class GenericLayer(nn.Module, DiffPruningLayer):
+    """Diff pruning for linear, convolution and normalisation layers: the base forward with adapted parameters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
+        super().__init__()
+        DiffPruningLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.diff_forward(x, *args, **kwargs)

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from .config import DiffPruningConfig
+from .gates import expected_l0 as gate_expected_l0
+from .layer import DiffPruningLayer, DiffState, Embedding, GenericLayer, is_supported_module
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of parameters that several modules share (e.g. an LM head tied to the input embedding)."""
+    owners = defaultdict(set)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param in module.parameters(recurse=False):
+            owners[id(param)].add(module_name)
+    return {param_id for param_id, names in owners.items() if len(names) > 1}
+
+
+def state_expected_l0(state: DiffState, group_penalty: str) -> torch.Tensor:
+    """Expected number of open gates over one adapter's gated tensors on one module."""
+    total = torch.zeros((), dtype=torch.float32)
+    for name in state.tensor_names:
+        if state.is_sparse(name):
+            continue
+        alpha = getattr(state, f"{name}_alpha")
+        group_alpha = getattr(state, f"{name}_group_alpha", None)
+        if group_alpha is not None and group_penalty == "sum":
+            term = gate_expected_l0(alpha, state.stretch) + gate_expected_l0(group_alpha, state.stretch)
+        else:
+            term = gate_expected_l0(alpha, state.stretch, group_alpha)
+        total = total.to(term.device) + term
+    return total
+
+
+class DiffPruningModel(BaseTuner):
+    """Diff pruning (Guo, Rush and Kim, ACL 2021) as a PEFT tuner.
+
+    Every targeted module's parameters are used as `theta + z * w`, with a dense diff `w` (initialised at zero) and
+    hard-concrete gates `z` with logits `alpha`. In training mode the expected-L0 penalty `l0_lambda * E[L0]` is added
+    to the loss the base model returns. After [`project_to_sparsity`] each layer holds only the kept entries.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The model to adapt.
+        config ([`DiffPruningConfig`]): The diff pruning configuration.
+        adapter_name (`str`): The adapter name, `"default"` by default.
+        low_cpu_mem_usage (`bool`, *optional*): Create empty adapter weights on the meta device (faster loading).
+
+    Example:
+
+        ```py
+        >>> import peft_diffprune  # registers the method with PEFT
+        >>> from peft import get_peft_model
+        >>> from transformers import AutoModelForSequenceClassification
+        >>> from peft_diffprune import DiffPruningConfig, param_groups
+
+        >>> base = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)
+        >>> model = get_peft_model(base, DiffPruningConfig(task_type="SEQ_CLS"))
+        >>> optimizer = torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1))
+        >>> loss = model(**batch).loss  # task loss + l0_lambda * expected L0
+        ```
+    """
+
+    prefix: str = "diff_pruning_"
+    tuner_layer_cls = DiffPruningLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: DiffPruningConfig, model_config: dict) -> DiffPruningConfig:
+        # `target_modules=None` means "every supported module"; it is resolved against the model in `_prepare_model`.
+        return peft_config
+
+    def _prepare_model(self, peft_config: DiffPruningConfig, model: nn.Module) -> None:
+        self._tied_ids = tied_parameter_ids(model)
+        if peft_config.target_modules is None:
+            peft_config.target_modules = self._default_target_modules(model)
+
+    def _default_target_modules(self, model: nn.Module) -> set[str]:
+        tuner_layers = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        targets = set()
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(f"{layer}.") for layer in tuner_layers):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not is_supported_module(base):
+                continue
+            if any(id(p) in self._tied_ids for p in base.parameters(recurse=False)):
+                continue
+            targets.add(name)
+        if not targets:
+            raise ValueError(
+                f"{type(model).__name__} has no module diff pruning can wrap (nn.Linear, nn.Embedding, nn.Conv2d, "
+                "Conv1D, LayerNorm or RMSNorm); pass `target_modules` naming the modules to adapt."
+            )
+        return targets
+
+    def _create_and_replace(
+        self,
+        peft_config: DiffPruningConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, DiffPruningLayer):
+            target.update_layer(adapter_name, peft_config, current_key)
+            return
+        if not is_supported_module(target):
+            raise TypeError(
+                f"Target module {current_key!r} is a {type(target).__name__}, which diff pruning does not support. "
+                "Supported: nn.Linear, nn.Embedding, nn.Conv2d, transformers' Conv1D, nn.LayerNorm and RMS-norm "
+                "layers. Remove it from `target_modules` or add it to `exclude_modules`."
+            )
+        if any(id(p) in getattr(self, "_tied_ids", ()) for p in target.parameters(recurse=False)):
+            raise ValueError(
+                f"Target module {current_key!r} shares its weight with another module (tied weights), so a diff on "
+                "it would change both. Untie the weights first (e.g. load the model with tie_word_embeddings=False) "
+                "or add it to `exclude_modules`."
+            )
+        if peft_config.kept_pattern and not any(k.startswith(f"{current_key}.") for k in peft_config.kept_pattern):
+            # a sparse adapter keeps no entry of this module: leave it unwrapped
+            return
+        layer_cls = Embedding if isinstance(target, nn.Embedding) else GenericLayer
+        new_module = layer_cls(target, adapter_name, peft_config, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def diff_layers(self) -> dict[str, DiffPruningLayer]:
+        """The wrapped modules by name (relative to the base model)."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, DiffPruningLayer)}
+
+    def expected_l0(self, adapter_name: str | None = None) -> torch.Tensor:
+        """Expected number of non-zero diff entries of an adapter's gated tensors (differentiable, fp32 0-d)."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        group_penalty = self.peft_config[adapter_name].group_penalty
+        total = torch.zeros((), dtype=torch.float32)
+        for layer in self.diff_layers().values():
+            if adapter_name in layer.diff_pruning_state:
+                term = state_expected_l0(layer.diff_pruning_state[adapter_name], group_penalty)
+                total = total.to(term.device) + term
+        return total
+
+    def forward(self, *args: Any, **kwargs: Any):
+        outputs = self.model(*args, **kwargs)
+        loss = getattr(outputs, "loss", None)
+        if self.training and isinstance(loss, torch.Tensor) and not self.disable_adapters_flag():
+            for adapter_name in self.active_adapters:
+                l0_lambda = self.peft_config[adapter_name].l0_lambda
+                if l0_lambda > 0 and not self.peft_config[adapter_name].kept_pattern:
+                    loss = loss + l0_lambda * self.expected_l0(adapter_name).to(loss.device, loss.dtype)
+            outputs.loss = loss
+        return outputs
+
+    def disable_adapters_flag(self) -> bool:
+        layers = self.diff_layers().values()
+        return bool(layers) and all(layer.disable_adapters for layer in layers)
