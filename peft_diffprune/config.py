@@ -8,6 +8,10 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 
+#: Version of the saved sparse adapter format (adapter_config.json + adapter_model.safetensors); see docs/format.md.
+FORMAT_VERSION = 1
+
+
 @dataclass
 class DiffPruningConfig(PeftConfig):
     """Configuration class for [`DiffPruningModel`].
@@ -52,8 +56,18 @@ class DiffPruningConfig(PeftConfig):
             small random diff (normal, std 0.02), which tests use to get a non-identity adapter.
         kept_pattern (`dict[str, int]`):
             Set by [`project_to_sparsity`]: the number of kept diff entries per targeted parameter (keys
-            `"<module name>.<parameter name>"`). When it is set, layers are built in the sparse state (flat indices
-            and values, no gates), which is what saved sparse adapters load into.
+            `"<module name>.<parameter name>"`). When it is set, layers are built in the sparse state (encoded
+            positions and values, no gates), which is what saved sparse adapters load into.
+        values_dtype (`str`):
+            Dtype of the diff values written by `save_pretrained`: `"float32"` (default), `"float16"` or
+            `"bfloat16"`. Training always keeps them in fp32.
+        base_fingerprint (`Optional[str]`):
+            Set by [`project_to_sparsity`]: a fingerprint of the base weights the diff was made on. Loading onto
+            different weights raises, unless `verify_base_fingerprint=False`.
+        verify_base_fingerprint (`bool`):
+            Check `base_fingerprint` on load (default `True`).
+        format_version (`int`):
+            Version of the sparse adapter format, checked on load.
     """
 
     target_modules: list[str] | str | None = field(
@@ -108,6 +122,28 @@ class DiffPruningConfig(PeftConfig):
         },
     )
 
+    values_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32",
+        metadata={"help": "Dtype of the diff values in saved sparse adapters: float32, float16 or bfloat16."},
+    )
+    base_fingerprint: str | None = field(
+        default=None,
+        metadata={"help": "Fingerprint of the base weights the sparse diff was made on; set by project_to_sparsity."},
+    )
+    verify_base_fingerprint: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Refuse to load a sparse adapter onto base weights whose fingerprint differs from the one recorded "
+                "at projection. Set False to load it anyway."
+            )
+        },
+    )
+    format_version: int = field(
+        default=FORMAT_VERSION,
+        metadata={"help": "Version of the sparse adapter format; set on save, checked on load."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.DIFF_PRUNING
@@ -137,6 +173,13 @@ class DiffPruningConfig(PeftConfig):
             )
         if self.group_penalty not in ("product", "sum"):
             raise ValueError(f"group_penalty must be 'product' or 'sum', got {self.group_penalty!r}.")
+        if self.values_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"values_dtype must be 'float32', 'float16' or 'bfloat16', got {self.values_dtype!r}.")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ValueError(
+                f"This adapter has format version {self.format_version!r}, but this peft_diffprune reads versions 1 to "
+                f"{FORMAT_VERSION}: upgrade peft_diffprune (pip install -U peft_diffprune) to load it."
+            )
         for key, count in self.kept_pattern.items():
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"kept_pattern[{key!r}] must be a non-negative int, got {count!r}.")

@@ -11,6 +11,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from .config import DiffPruningConfig
+from .encoding import decode_positions, encode_positions, encoded_size
 from .gates import deterministic_gate, hard_concrete_delta, sample_group_gate
 
 
@@ -42,8 +43,8 @@ class DiffState(nn.Module):
 
     For every targeted parameter `t` of the base module it holds either the gated state of training
     (`{t}_diff`: the dense diff `w`, `{t}_alpha`: gate logits, `{t}_group_alpha`: the structured group logit) or the
-    sparse state after projection (`{t}_indices`: flat positions, a persistent integer buffer, `{t}_values`: the
-    kept diff entries). Keeping the sparse state as real module state is what lets every PEFT and transformers
+    sparse state after projection (`{t}_positions`: the Elias-Fano code of the kept flat positions, a persistent
+    uint8 buffer, `{t}_values`: the kept diff entries). Keeping the sparse state as real module state is what lets every PEFT and transformers
     loader restore it.
     """
 
@@ -51,9 +52,10 @@ class DiffState(nn.Module):
         super().__init__()
         self.stretch = stretch
         self.tensor_names: list[str] = []
+        self._decoded: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def is_sparse(self, name: str) -> bool:
-        return hasattr(self, f"{name}_indices")
+        return hasattr(self, f"{name}_positions")
 
     def add_gated(self, name: str, base: torch.Tensor, config: DiffPruningConfig) -> None:
         kwargs = {"dtype": torch.float32, "device": base.device}
@@ -66,21 +68,43 @@ class DiffState(nn.Module):
             self.register_parameter(f"{name}_group_alpha", nn.Parameter(torch.tensor(config.alpha_init, **kwargs)))
         self.tensor_names.append(name)
 
-    def add_sparse(self, name: str, base: torch.Tensor, num_kept: int, config: DiffPruningConfig) -> None:
-        index_dtype = torch.int32 if base.numel() < 2**31 else torch.int64
-        if config.init_weights:
-            indices = torch.zeros(num_kept, dtype=index_dtype, device=base.device)
-            values = torch.zeros(num_kept, dtype=torch.float32, device=base.device)
+    def add_sparse(
+        self, name: str, base: torch.Tensor, num_kept: int, config: DiffPruningConfig, positions=None, values=None
+    ) -> None:
+        """Sparse state: the Elias-Fano code of the kept positions (a persistent uint8 buffer) and their values.
+
+        Without `positions`, the code is left invalid (all zero) when `init_weights=True`, so that a layer whose
+        weights were never loaded raises on first use instead of silently acting as an identity.
+        """
+        numel = base.numel()
+        if positions is not None:
+            code = encode_positions(positions, numel)
+        elif config.init_weights:
+            code = torch.zeros(encoded_size(numel, num_kept), dtype=torch.uint8)
         else:
-            indices = torch.randperm(base.numel(), device=base.device)[:num_kept].sort().values.to(index_dtype)
-            values = torch.randn(num_kept, device=base.device) * RANDOM_DIFF_STD
-        self.register_buffer(f"{name}_indices", indices, persistent=True)
-        self.register_parameter(f"{name}_values", nn.Parameter(values))
+            code = encode_positions(torch.randperm(numel)[:num_kept].sort().values, numel)
+        if values is None:
+            values = torch.zeros(num_kept) if config.init_weights else torch.randn(num_kept) * RANDOM_DIFF_STD
+        self.register_buffer(f"{name}_positions", code.to(base.device), persistent=True)
+        self.register_parameter(f"{name}_values", nn.Parameter(values.to(base.device, torch.float32)))
         self.tensor_names.append(name)
+
+    def positions(self, name: str, numel: int) -> torch.Tensor:
+        """Decoded kept positions of parameter `name` (int64), cached until the code or values are replaced."""
+        code, values = getattr(self, f"{name}_positions"), getattr(self, f"{name}_values")
+        key = (id(code), code._version, id(values))
+        cached = self._decoded.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        positions = decode_positions(code, numel, values.numel(), what=f"the diff of {name!r}")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"The sparse diff of {name!r} holds non-finite values: the adapter file is corrupt.")
+        self._decoded[name] = (key, positions)
+        return positions
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         """Every tensor that determines the diff of parameter `name` (used to key the eval cache)."""
-        suffixes = ("indices", "values") if self.is_sparse(name) else ("diff", "alpha", "group_alpha")
+        suffixes = ("positions", "values") if self.is_sparse(name) else ("diff", "alpha", "group_alpha")
         return [getattr(self, f"{name}_{s}") for s in suffixes if hasattr(self, f"{name}_{s}")]
 
     def group_gate(self, name: str, sample: bool) -> torch.Tensor | None:
@@ -105,22 +129,22 @@ class DiffState(nn.Module):
     def apply(self, name: str, base: torch.Tensor, sample: bool) -> torch.Tensor:
         """`base + delta` for parameter `name`, out of place, in the dtype of `base`."""
         if self.is_sparse(name):
-            indices = getattr(self, f"{name}_indices").long()
+            positions = self.positions(name, base.numel())
             values = getattr(self, f"{name}_values").to(base.dtype)
-            return base.reshape(-1).index_add(0, indices, values).view_as(base)
+            return base.reshape(-1).index_add(0, positions, values).view_as(base)
         return base + self.gated_delta(name, sample).to(base.dtype)
 
     def merge_positions(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat positions touched by the diff and the merged values there (deterministic gate)."""
+        """Flat positions the diff touches and the merged values there (deterministic gate in the gated state)."""
         flat = base.detach().reshape(-1)
         if self.is_sparse(name):
-            indices = getattr(self, f"{name}_indices").long()
-            values = getattr(self, f"{name}_values").detach().to(flat.dtype)
-            merged = flat.index_add(0, indices, values)
-            return indices.unique(), merged
-        delta = self.gated_delta(name, sample=False).detach().reshape(-1)
-        indices = delta.nonzero().squeeze(1)
-        return indices, flat.index_add(0, indices, delta[indices].to(flat.dtype))
+            positions = self.positions(name, flat.numel())
+            values = getattr(self, f"{name}_values").detach()
+        else:
+            delta = self.gated_delta(name, sample=False).detach().reshape(-1)
+            positions = delta.nonzero().squeeze(1)
+            values = delta[positions]
+        return positions, flat[positions] + values.to(flat.dtype)
 
 
 class DiffPruningLayer(BaseTunerLayer):
@@ -235,14 +259,14 @@ class DiffPruningLayer(BaseTunerLayer):
             backup = {}
             for name in state.tensor_names:
                 param = base_params[name]
-                indices, merged = state.merge_positions(name, param)
-                if safe_merge and not torch.isfinite(merged[indices]).all():
+                positions, merged = state.merge_positions(name, param)
+                if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaNs or infs in the merged {name} of adapter {adapter_name!r}: the adapter seems broken."
                     )
                 flat = param.data.view(-1)
-                backup[name] = (indices, flat[indices].clone())
-                flat[indices] = merged[indices]
+                backup[name] = (positions, flat[positions].clone())
+                flat[positions] = merged
             self._merge_backup[adapter_name] = backup
             self.merged_adapters.append(adapter_name)
 
@@ -253,8 +277,8 @@ class DiffPruningLayer(BaseTunerLayer):
         base_params = self.base_parameters()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
-            for name, (indices, original) in self._merge_backup.pop(adapter_name, {}).items():
-                base_params[name].data.view(-1)[indices] = original
+            for name, (positions, original) in self._merge_backup.pop(adapter_name, {}).items():
+                base_params[name].data.view(-1)[positions] = original
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

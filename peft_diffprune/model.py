@@ -21,6 +21,17 @@ def tied_parameter_ids(model: nn.Module) -> set[int]:
     return {param_id for param_id, names in owners.items() if len(names) > 1}
 
 
+def _has_parameter(model: nn.Module, key: str) -> bool:
+    module_name, _, param_name = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    return isinstance(getattr(module, param_name, None), torch.Tensor)
+
+
 def state_expected_l0(state: DiffState, group_penalty: str) -> torch.Tensor:
     """Expected number of open gates over one adapter's gated tensors on one module."""
     total = torch.zeros((), dtype=torch.float32)
@@ -77,6 +88,40 @@ class DiffPruningModel(BaseTuner):
         self._tied_ids = tied_parameter_ids(model)
         if peft_config.target_modules is None:
             peft_config.target_modules = self._default_target_modules(model)
+        if peft_config.kept_pattern and peft_config.base_fingerprint and peft_config.verify_base_fingerprint:
+            self._verify_base(peft_config)
+
+    def _verify_base(self, peft_config: DiffPruningConfig) -> None:
+        """Refuse a sparse adapter made on other base weights: its positions and values would be meaningless."""
+        from .sparse import base_fingerprint
+
+        missing = [key for key in peft_config.kept_pattern if not _has_parameter(self.model, key)]
+        if missing:
+            raise ValueError(
+                f"This diff pruning adapter changes {missing[0]!r} (and {len(missing) - 1} more), which the base model "
+                f"{type(self.model).__name__} does not have: load it onto the model it was trained on "
+                f"({peft_config.base_model_name_or_path or 'see adapter_config.json'})."
+            )
+        fingerprint = base_fingerprint(self, list(peft_config.kept_pattern))
+        if fingerprint != peft_config.base_fingerprint:
+            raise ValueError(
+                "The base model's weights differ from those this diff pruning adapter was made on (base fingerprint "
+                f"{fingerprint[:12]} != {peft_config.base_fingerprint[:12]}), so its sparse diff would be applied to "
+                f"the wrong weights. Load the adapter onto {peft_config.base_model_name_or_path or 'its base model'}, "
+                "unmerge other adapters first, or, if you are sure, load with a config whose "
+                "verify_base_fingerprint=False: config = PeftConfig.from_pretrained(path); "
+                "config.verify_base_fingerprint = False; PeftModel.from_pretrained(model, path, config=config)."
+            )
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # sparse values are trained in fp32 and saved in the dtype the config asks for
+        state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        values_dtype = getattr(torch, config.values_dtype)
+        return {
+            key: value.to(values_dtype) if key.endswith("_values") and ".diff_pruning_state." in key else value
+            for key, value in state_dict.items()
+        }
 
     def _default_target_modules(self, model: nn.Module) -> set[str]:
         tuner_layers = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
@@ -149,7 +194,7 @@ class DiffPruningModel(BaseTuner):
     def forward(self, *args: Any, **kwargs: Any):
         outputs = self.model(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
-        if self.training and isinstance(loss, torch.Tensor) and not self.disable_adapters_flag():
+        if self.training and isinstance(loss, torch.Tensor) and not self._adapters_disabled():
             for adapter_name in self.active_adapters:
                 l0_lambda = self.peft_config[adapter_name].l0_lambda
                 if l0_lambda > 0 and not self.peft_config[adapter_name].kept_pattern:
@@ -157,6 +202,6 @@ class DiffPruningModel(BaseTuner):
             outputs.loss = loss
         return outputs
 
-    def disable_adapters_flag(self) -> bool:
+    def _adapters_disabled(self) -> bool:
         layers = self.diff_layers().values()
         return bool(layers) and all(layer.disable_adapters for layer in layers)

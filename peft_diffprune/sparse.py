@@ -1,0 +1,265 @@
+"""Projection of a learned diff to an exact sparsity, sparsity reports, and sparse diffs from fine-tuned models."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import DiffPruningConfig
+from .gates import deterministic_gate
+from .layer import DiffPruningLayer, DiffState
+from .model import DiffPruningModel
+from .training import get_tuner
+
+
+@dataclass
+class TensorSparsity:
+    """One targeted parameter: its size, the entries its diff holds (`kept`) and how many are non-zero."""
+
+    name: str
+    parameters: int
+    kept: int
+    nonzero: int
+
+    @property
+    def density(self) -> float:
+        return self.nonzero / self.parameters if self.parameters else 0.0
+
+
+@dataclass
+class SparsityReport:
+    """Per-tensor and total sparsity of one adapter. `total_parameters` is the base model's parameter count outside
+    `modules_to_save` (the paper's denominator), so `density` is the fraction of the model the diff changes."""
+
+    adapter_name: str
+    total_parameters: int
+    tensors: list[TensorSparsity] = field(default_factory=list)
+
+    @property
+    def kept(self) -> int:
+        return sum(t.kept for t in self.tensors)
+
+    @property
+    def nonzero(self) -> int:
+        return sum(t.nonzero for t in self.tensors)
+
+    @property
+    def density(self) -> float:
+        return self.nonzero / self.total_parameters
+
+    def by_module(self) -> dict[str, TensorSparsity]:
+        return {t.name: t for t in self.tensors}
+
+    def __str__(self) -> str:
+        width = max([len(t.name) for t in self.tensors] + [len("total")])
+        lines = [f"{'tensor':<{width}}  {'params':>11}  {'kept':>9}  {'nonzero':>9}  density"]
+        lines += [
+            f"{t.name:<{width}}  {t.parameters:>11,}  {t.kept:>9,}  {t.nonzero:>9,}  {t.density:.4%}"
+            for t in self.tensors
+        ]
+        lines.append(
+            f"{'total':<{width}}  {self.total_parameters:>11,}  {self.kept:>9,}  {self.nonzero:>9,}  {self.density:.4%}"
+        )
+        return "\n".join(lines)
+
+
+def base_parameter_count(tuner: DiffPruningModel) -> int:
+    """Parameters of the base model outside `modules_to_save`, adapter state excluded, tied weights counted once."""
+    aux_prefixes = tuple(
+        f"{name}." for name, module in tuner.model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)
+    )
+    return sum(
+        param.numel()
+        for name, param in tuner.model.named_parameters()
+        if ".diff_pruning_state." not in name and not name.startswith(aux_prefixes)
+    )
+
+
+def _adapter_tensors(tuner: DiffPruningModel, adapter_name: str):
+    """Yield `(module name, layer, state, parameter name, base parameter)` for every diffed tensor of an adapter."""
+    for module_name, layer in tuner.diff_layers().items():
+        if adapter_name not in layer.diff_pruning_state:
+            continue
+        state = layer.diff_pruning_state[adapter_name]
+        base_params = layer.base_parameters()
+        for name in state.tensor_names:
+            yield module_name, layer, state, name, base_params[name]
+
+
+@torch.no_grad()
+def _effective_diff(state: DiffState, name: str, base: torch.Tensor) -> torch.Tensor:
+    """The diff as a dense fp32 tensor: `z * w` with the deterministic gate, or the scattered sparse values."""
+    return state.apply(name, torch.zeros(base.shape, dtype=torch.float32, device=base.device), sample=False)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, adapter_name: str | None = None) -> SparsityReport:
+    """Per targeted tensor and in total: parameters, kept entries, non-zeros and density of an adapter's diff.
+
+    In the gated state the diff is taken with the deterministic gate and `kept` counts open gates; after projection
+    `kept` is the number of stored entries.
+    """
+    tuner = get_tuner(model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    report = SparsityReport(adapter_name, base_parameter_count(tuner))
+    for module_name, _, state, name, base in _adapter_tensors(tuner, adapter_name):
+        diff = _effective_diff(state, name, base)
+        kept = getattr(state, f"{name}_values").numel() if state.is_sparse(name) else _open_gates(state, name)
+        report.tensors.append(TensorSparsity(f"{module_name}.{name}", base.numel(), kept, int(diff.count_nonzero())))
+    return report
+
+
+def _open_gates(state: DiffState, name: str) -> int:
+    gate = deterministic_gate(getattr(state, f"{name}_alpha"), state.stretch)
+    group = state.group_gate(name, sample=False)
+    if group is not None and float(group) == 0.0:
+        return 0
+    return int(gate.count_nonzero())
+
+
+def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions of the `k` largest entries; ties at the threshold go to the lowest positions."""
+    if k >= magnitudes.numel():
+        return torch.arange(magnitudes.numel(), device=magnitudes.device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=magnitudes.device)
+    threshold = torch.topk(magnitudes, k, sorted=False).values.min()
+    above = (magnitudes > threshold).nonzero().squeeze(1)
+    at = (magnitudes == threshold).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, at]).sort().values
+
+
+def base_fingerprint(tuner: DiffPruningModel, tensor_names: list[str]) -> str:
+    """A SHA-256 over the named base tensors' shapes, dtypes, sums and a strided sample of their values.
+
+    Cheap enough to check on every load; any two distinct checkpoints of a model differ in it.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensor_names):
+        module_name, _, param_name = key.rpartition(".")
+        module = tuner.model.get_submodule(module_name)
+        if isinstance(module, DiffPruningLayer):
+            module = module.get_base_layer()
+        tensor = getattr(module, param_name).detach()
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|{float(flat.double().sum()):.10e}|".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def project_to_sparsity(
+    model: nn.Module,
+    target_sparsity: float | None = None,
+    scope: Literal["global", "per_module"] = "global",
+    adapter_name: str | None = None,
+) -> SparsityReport:
+    """Keep the largest `|z * w|` entries of an adapter's diff and switch its layers to the sparse state.
+
+    Exactly `round(target_sparsity * N)` entries are kept, `N` being the base model's parameter count outside
+    `modules_to_save`. `scope="global"` ranks all tensors together with one threshold (the paper);
+    `"per_module"` keeps `round(target_sparsity * numel)` entries of each tensor. Ties at the threshold go to the
+    lowest flat positions (in module order), so the result is deterministic. Afterwards each layer holds only the
+    kept positions and values (no gates, no penalty); tensors with nothing kept carry no adapter state. Create the
+    optimizer after projecting: the trainable parameters are new.
+
+    Returns the [`SparsityReport`] of the projected adapter.
+    """
+    tuner = get_tuner(model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    config: DiffPruningConfig = tuner.peft_config[adapter_name]
+    target_sparsity = config.target_sparsity if target_sparsity is None else target_sparsity
+    if not 0 < target_sparsity <= 1:
+        raise ValueError(f"target_sparsity must be in (0, 1], got {target_sparsity!r} (0.005 keeps 0.5%).")
+    if scope not in ("global", "per_module"):
+        raise ValueError(f"scope must be 'global' or 'per_module', got {scope!r}.")
+    if any(layer.merged for layer in tuner.diff_layers().values()):
+        raise ValueError("Unmerge the adapter (model.unmerge_adapter()) before projecting it.")
+
+    entries = list(_adapter_tensors(tuner, adapter_name))
+    if not entries:
+        raise ValueError(f"Adapter {adapter_name!r} has no diff to project.")
+    total = base_parameter_count(tuner)
+    diffs = [_effective_diff(state, name, base).reshape(-1) for _, _, state, name, base in entries]
+    if scope == "global":
+        budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
+        magnitudes = torch.cat([d.abs().cpu() for d in diffs])
+        selected = _top_positions(magnitudes, budget)
+        del magnitudes
+        offsets = torch.tensor([0] + [d.numel() for d in diffs]).cumsum(0)
+        bounds = torch.searchsorted(selected, offsets)
+        positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
+    else:
+        positions = [_top_positions(d.abs().cpu(), round(target_sparsity * d.numel())) for d in diffs]
+
+    kept_pattern = {}
+    new_states: dict[str, DiffState] = {}
+    for (module_name, _, state, name, base), diff, kept in zip(entries, diffs, positions, strict=True):
+        if not kept.numel():
+            continue
+        kept_pattern[f"{module_name}.{name}"] = kept.numel()
+        new_state = new_states.setdefault(module_name, DiffState(state.stretch))
+        kept = kept.to(diff.device)
+        new_state.add_sparse(name, base, kept.numel(), config, positions=kept, values=diff[kept])
+
+    for module_name, layer in tuner.diff_layers().items():
+        if adapter_name not in layer.diff_pruning_state:
+            continue
+        if module_name in new_states:
+            layer.diff_pruning_state[adapter_name] = new_states[module_name]
+        else:
+            del layer.diff_pruning_state[adapter_name]
+        layer._eval_cache = None
+        layer.set_adapter(layer.active_adapters, inference_mode=config.inference_mode)
+
+    config.kept_pattern = kept_pattern
+    config.target_sparsity = target_sparsity
+    config.base_fingerprint = base_fingerprint(tuner, list(kept_pattern))
+    return sparsity_report(model, adapter_name)
+
+
+@torch.no_grad()
+def from_finetuned(
+    base_model: nn.Module,
+    finetuned_model: nn.Module,
+    target_sparsity: float = 0.005,
+    scope: Literal["global", "per_module"] = "global",
+    adapter_name: str = "default",
+    **config_kwargs,
+) -> PeftModel:
+    """Non-adaptive diff pruning: the sparse diff between a fully fine-tuned model and its base, as an adapter.
+
+    The diff `finetuned - base` of every targeted parameter is magnitude-projected to `target_sparsity` (see
+    [`project_to_sparsity`]); modules in `modules_to_save` (the task head) are copied from the fine-tuned model in
+    full. `config_kwargs` go to [`DiffPruningConfig`] (e.g. `task_type="SEQ_CLS"`). `base_model` is wrapped in
+    place and returned as a `PeftModel` in the sparse state, ready to save or to fine-tune with the mask fixed.
+    """
+    finetuned_params = dict(finetuned_model.named_parameters())
+    config = DiffPruningConfig(target_sparsity=target_sparsity, **config_kwargs)
+    peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
+    tuner = get_tuner(peft_model)
+    for module_name, _, state, name, base in _adapter_tensors(tuner, adapter_name):
+        key = f"{module_name}.{name}"
+        tuned = finetuned_params.get(key)
+        if tuned is None or tuned.shape != base.shape:
+            found = "missing" if tuned is None else f"of shape {tuple(tuned.shape)}"
+            raise ValueError(
+                f"The fine-tuned model's {key!r} is {found}, but the base model has shape {tuple(base.shape)}: "
+                "the two models must share an architecture."
+            )
+        getattr(state, f"{name}_diff").copy_(tuned.float() - base.float())
+        getattr(state, f"{name}_alpha").fill_(max(config.alpha_init, 10.0))
+        if hasattr(state, f"{name}_group_alpha"):
+            getattr(state, f"{name}_group_alpha").fill_(max(config.alpha_init, 10.0))
+    for name, module in tuner.model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "modules_to_save", {}):
+            module.modules_to_save[adapter_name].load_state_dict(finetuned_model.get_submodule(name).state_dict())
+    project_to_sparsity(peft_model, target_sparsity, scope=scope, adapter_name=adapter_name)
+    return peft_model
