@@ -9,12 +9,14 @@ Step time is the median over timed steps after warm-up; all methods see the same
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 
-METHODS = ("full", "diff_pruning", "diff_pruning_structured", "eval_base", "eval_diff_pruning")
+METHODS = ("full", "diff_pruning", "diff_pruning_structured", "fixmask", "eval_base", "eval_diff_pruning")
 
 
 def rss_mib() -> float:
@@ -34,18 +36,30 @@ def rss_mib() -> float:
 
 
 def build(method: str, model_path: str):
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     import peft_diffprune  # noqa: F401
-    from peft_diffprune import DiffPruningConfig, param_groups
+    from peft_diffprune import DiffPruningConfig, param_groups, project_to_sparsity
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     if method in ("full", "eval_base"):
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
-    config = DiffPruningConfig(task_type="SEQ_CLS", structured=method.endswith("structured"))
+    config = DiffPruningConfig(
+        task_type="SEQ_CLS", structured=method.endswith("structured"), init_weights=method != "fixmask"
+    )
     model = get_peft_model(model, config)
+    if method == "fixmask":
+        # The fixed-mask stage trains the 0.5% kept entries only (random diffs stand in for a stage-1 result). It is
+        # loaded from a saved sparse adapter, as a stage-2 job would, so that freed stage-1 memory is not counted.
+        project_to_sparsity(model, 0.005)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            del model
+            gc.collect()
+            base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+            model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
 
 

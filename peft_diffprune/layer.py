@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import DiffPruningConfig
 from .encoding import decode_positions, encode_positions, encoded_size
+from .functional import sparse_diff_linear
 from .gates import deterministic_gate, hard_concrete_delta, sample_group_gate
 
 
@@ -324,3 +325,24 @@ class GenericLayer(nn.Module, DiffPruningLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.diff_forward(x, *args, **kwargs)
+
+    def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        fixed_mask_training = (
+            self.training
+            and torch.is_grad_enabled()
+            and type(base) is nn.Linear
+            and len(states) == 1
+            and all(states[0].is_sparse(name) for name in states[0].tensor_names)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if not fixed_mask_training:
+            return super()._adapted_forward(states, x, *args, **kwargs)
+        # the weight gradient is only needed at the kept positions: compute just those (see functional.py)
+        state = states[0]
+        diffs = {
+            name: (state.positions(name, param.numel()), getattr(state, f"{name}_values"))
+            for name, param in self.base_parameters().items()
+            if name in state.tensor_names
+        }
+        return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))

@@ -221,6 +221,9 @@ def project_to_sparsity(
 
     config.kept_pattern = kept_pattern
     config.target_sparsity = target_sparsity
+    # a projected adapter is rebuilt from its saved state: layers must start with an invalid code, so that a file
+    # that lacks some tensors fails loudly instead of acting as random diffs
+    config.init_weights = True
     config.base_fingerprint = base_fingerprint(tuner, list(kept_pattern))
     return sparsity_report(model, adapter_name)
 
