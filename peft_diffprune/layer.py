@@ -135,17 +135,13 @@ class DiffState(nn.Module):
             return base.reshape(-1).index_add(0, positions, values).view_as(base)
         return base + self.gated_delta(name, sample).to(base.dtype)
 
-    def merge_positions(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat positions the diff touches and the merged values there (deterministic gate in the gated state)."""
-        flat = base.detach().reshape(-1)
+    def sparse_delta(self, name: str, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diff as flat `(positions, values)`: the kept entries, or the non-zeros under the deterministic gate."""
         if self.is_sparse(name):
-            positions = self.positions(name, flat.numel())
-            values = getattr(self, f"{name}_values").detach()
-        else:
-            delta = self.gated_delta(name, sample=False).detach().reshape(-1)
-            positions = delta.nonzero().squeeze(1)
-            values = delta[positions]
-        return positions, flat[positions] + values.to(flat.dtype)
+            return self.positions(name, numel), getattr(self, f"{name}_values").detach()
+        delta = self.gated_delta(name, sample=False).detach().reshape(-1)
+        positions = delta.nonzero().squeeze(1)
+        return positions, delta.index_select(0, positions)
 
 
 class DiffPruningLayer(BaseTunerLayer):
@@ -259,15 +255,16 @@ class DiffPruningLayer(BaseTunerLayer):
             state = self.diff_pruning_state[adapter_name]
             backup = {}
             for name in state.tensor_names:
-                param = base_params[name]
-                positions, merged = state.merge_positions(name, param)
+                flat = base_params[name].data.view(-1)
+                positions, values = state.sparse_delta(name, flat.numel())
+                original = flat.index_select(0, positions)
+                merged = original + values.to(flat.dtype)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
                         f"NaNs or infs in the merged {name} of adapter {adapter_name!r}: the adapter seems broken."
                     )
-                flat = param.data.view(-1)
-                backup[name] = (positions, flat[positions].clone())
-                flat[positions] = merged
+                flat.scatter_(0, positions, merged)
+                backup[name] = (positions, original)
             self._merge_backup[adapter_name] = backup
             self.merged_adapters.append(adapter_name)
 
@@ -279,7 +276,7 @@ class DiffPruningLayer(BaseTunerLayer):
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             for name, (positions, original) in self._merge_backup.pop(adapter_name, {}).items():
-                base_params[name].data.view(-1)[positions] = original
+                base_params[name].data.view(-1).scatter_(0, positions, original)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

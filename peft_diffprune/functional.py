@@ -1,0 +1,75 @@
+"""Autograd functions for training a linear layer's sparse diff with the mask fixed (the paper's last stage).
+
+With only `k` kept diff entries, the gradient of the loss with respect to them is the product `grad_out^T @ x`
+sampled at `k` positions. Computing the full weight gradient and then gathering `k` entries of it would cost as
+much as full fine-tuning; `torch.sparse.sampled_addmm` computes only the sampled entries (an SDDMM).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
+    if positions is None:
+        return base
+    return base.reshape(-1).index_add(0, positions, values.to(base.dtype)).view_as(base)
+
+
+def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, shape) -> torch.Tensor:
+    """`(grad_out^T @ x)` at the flat `positions` of an `(out, in)` weight, without forming the full product."""
+    out_features, in_features = shape
+    rows = torch.div(positions, in_features, rounding_mode="floor")
+    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=positions.device)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta", "invariant checks disabled"
+        pattern = torch.sparse_csr_tensor(
+            crow, positions - rows * in_features, torch.zeros_like(positions, dtype=x.dtype), size=shape
+        )
+        return torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
+
+
+class _SparseDiffLinear(torch.autograd.Function):
+    """`F.linear(x, W + scatter(values_w), b + scatter(values_b))` for a frozen `W`, `b`.
+
+    Saves `x` and the (shared, frozen) base tensors only: the adapted weight is rebuilt in backward, which costs one
+    copy of the weight instead of keeping a second copy of every layer alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_positions, weight_values, bias_positions, bias_values):
+        adapted_weight = _with_diff(weight, weight_positions, weight_values)
+        adapted_bias = None if bias is None else _with_diff(bias, bias_positions, bias_values)
+        ctx.save_for_backward(x, weight, weight_positions, weight_values, bias_positions)
+        return F.linear(x, adapted_weight, adapted_bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, weight_positions, weight_values, bias_positions = ctx.saved_tensors
+        grad_x = grad_weight_values = grad_bias_values = None
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _with_diff(weight, weight_positions, weight_values)
+        if ctx.needs_input_grad[4]:
+            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+            grad_weight_values = _sampled_weight_grad(grad_2d, x_2d, weight_positions, weight.shape)
+        if ctx.needs_input_grad[6]:
+            grad_bias_values = grad_2d.sum(0)[bias_positions]
+        return grad_x, None, None, None, grad_weight_values, None, grad_bias_values
+
+
+def sparse_diff_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_diff: tuple[torch.Tensor, torch.Tensor] | None,
+    bias_diff: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Linear layer with sparse diffs `(positions, values)` on its weight and/or bias; gradients reach the values."""
+    weight_positions, weight_values = weight_diff or (None, None)
+    bias_positions, bias_values = bias_diff or (None, None)
+    return _SparseDiffLinear.apply(x, weight, bias, weight_positions, weight_values, bias_positions, bias_values)
