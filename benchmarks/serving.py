@@ -12,16 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _record import write_record
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
@@ -166,19 +163,7 @@ def main() -> None:
     results["merged_switch_ratio_diff_to_lora"] = (
         results["diff"]["merged_switch_s"] / results["lora"]["merged_switch_s"]
     )
-    record = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "settings": vars(args),
-        "results": results,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.output, vars(args), results)
     print(json.dumps(results, indent=2))
 
 

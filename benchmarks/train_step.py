@@ -9,19 +9,18 @@ Step time is the median over timed steps after warm-up; all methods see the same
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from _record import write_record
 
 
 METHODS = ("full", "diff_pruning", "diff_pruning_structured", "fixmask", "eval_base", "eval_diff_pruning")
@@ -58,6 +57,7 @@ def build(method: str, model_path: str):
             model.save_pretrained(folder)
             del model
             gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed stage-1 memory back, as a fresh process would
             base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
             model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
@@ -141,19 +141,9 @@ def main() -> None:
             res["time_ratio"] = res["step_time_s"] / ref["step_time_s"]
             res["peak_rss_ratio"] = res["peak_rss_mib"] / ref["peak_rss_mib"]
             res["peak_over_loaded_ratio"] = res["peak_over_loaded_mib"] / ref["peak_over_loaded_mib"]
-    record = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "torch": torch.__version__,
-        "settings": {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "threads")},
-        "results": results,
-    }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(
+        args.output, {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "threads")}, results
+    )
     for method, res in results.items():
         if "time_ratio" in res:
             print(

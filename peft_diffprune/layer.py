@@ -283,8 +283,8 @@ class DiffPruningLayer(BaseTunerLayer):
         self._eval_cache = None
 
 
-class Embedding(nn.Module, DiffPruningLayer):
-    """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled."""
+class WrappedModule(nn.Module, DiffPruningLayer):
+    """A module wrapped by diff pruning; subclasses specialise `_adapted_forward` for one kind of module."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
         super().__init__()
@@ -294,6 +294,10 @@ class Embedding(nn.Module, DiffPruningLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.diff_forward(x, *args, **kwargs)
+
+
+class Embedding(WrappedModule):
+    """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled."""
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         sampling = self.training and torch.is_grad_enabled()
@@ -311,17 +315,8 @@ class Embedding(nn.Module, DiffPruningLayer):
         return base_out + delta_out
 
 
-class GenericLayer(nn.Module, DiffPruningLayer):
+class GenericLayer(WrappedModule):
     """Diff pruning for linear, convolution and normalisation layers: the base forward with adapted parameters."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
-        super().__init__()
-        DiffPruningLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.diff_forward(x, *args, **kwargs)
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
