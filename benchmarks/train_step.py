@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import resource
 import statistics
 import subprocess
@@ -23,7 +24,22 @@ import torch
 from _record import write_record
 
 
-METHODS = ("full", "diff_pruning", "diff_pruning_structured", "fixmask", "eval_base", "eval_diff_pruning")
+METHODS = (
+    "full",
+    "diff_pruning",
+    "diff_pruning_structured",
+    "dense_reference",
+    "fixmask",
+    "lora_qv_r8",
+    "lora_all_r8",
+    "supertuning",
+    "shira",
+    "eval_base",
+    "eval_diff_pruning",
+)
+#: PEFT's sparse methods at about the diff pruning budget: 0.5% of MiniLM's 22.7M parameters is ~114k entries.
+SUPERTUNING_SPARSITY = 0.989  # 1.1% of the 10.7M linear weights
+SHIRA_R = 8  # r * (in + out) entries per linear layer, ~111k in all
 
 
 def rss_mib() -> float:
@@ -35,7 +51,7 @@ def rss_mib() -> float:
 
 
 def build(method: str, model_path: str):
-    from peft import PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     import peft_diffprune  # noqa: F401
@@ -45,6 +61,21 @@ def build(method: str, model_path: str):
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
     if method in ("full", "eval_base"):
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+    if method == "dense_reference":
+        model = DenseDiffPruning(model)
+        groups = [{"params": model.diffs.parameters()}, {"params": model.alphas.parameters(), "lr": 0.1}]
+        return model, torch.optim.AdamW(groups, lr=1e-5, fused=True)
+    peft_configs = {
+        "lora_qv_r8": LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"]),
+        "lora_all_r8": LoraConfig(task_type="SEQ_CLS", r=8, target_modules="all-linear"),
+        "supertuning": SupertuningConfig(
+            task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"], sparsity=SUPERTUNING_SPARSITY
+        ),
+        "shira": ShiraConfig(task_type="SEQ_CLS", r=SHIRA_R, target_modules=["query", "key", "value", "dense"]),
+    }
+    if method in peft_configs:
+        model = get_peft_model(model, peft_configs[method])
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     config = DiffPruningConfig(
         task_type="SEQ_CLS", structured=method.endswith("structured"), init_weights=method != "fixmask"
     )
@@ -61,6 +92,40 @@ def build(method: str, model_path: str):
             base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
             model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
+
+
+class DenseDiffPruning(torch.nn.Module):
+    """The authors' approach, written plainly: a dense diff and gate logits for every parameter (the task head
+    trained directly), gates sampled with ordinary autograd ops, the model run with the adapted parameters."""
+
+    def __init__(self, model: torch.nn.Module, stretch=(-1.5, 1.5), l0_lambda: float = 1.25e-7):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.config = model.config
+        self.stretch, self.l0_lambda = stretch, l0_lambda
+        names = [n for n, _ in model.named_parameters() if not n.startswith("classifier.")]
+        self.keys = {n: n.replace(".", "/") for n in names}
+        self.diffs = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.zeros_like(model.get_parameter(n))) for n, k in self.keys.items()}
+        )
+        self.alphas = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.full_like(model.get_parameter(n), 5.0)) for n, k in self.keys.items()}
+        )
+        model.classifier.requires_grad_(True)
+        self.diffs.update({f"head/{n}": p for n, p in model.classifier.named_parameters()})
+
+    def forward(self, **batch):
+        left, right = self.stretch
+        params = {}
+        penalty = 0.0
+        for name, key in self.keys.items():
+            alpha, u = self.alphas[key], torch.rand_like(self.alphas[key]).clamp(1e-4, 1 - 1e-4)
+            z = (torch.sigmoid(torch.log(u) - torch.log(1 - u) + alpha) * (right - left) + left).clamp(0, 1)
+            params[name] = self.model.get_parameter(name) + z * self.diffs[key]
+            penalty = penalty + torch.sigmoid(alpha - math.log(-left / right)).sum()
+        outputs = torch.func.functional_call(self.model, params, (), batch)
+        outputs.loss = outputs.loss + self.l0_lambda * penalty
+        return outputs
 
 
 def run_one(args) -> dict:
