@@ -55,10 +55,12 @@ class _SparseDiffLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ _with_diff(weight, weight_positions, weight_values)
         if ctx.needs_input_grad[4]:
-            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
-            grad_weight_values = _sampled_weight_grad(grad_2d, x_2d, weight_positions, weight.shape)
+            # sampled_addmm has no half-precision CPU kernel; the values are fp32 anyway
+            x_2d = x.reshape(-1, x.shape[-1]).float()
+            grad_weight_values = _sampled_weight_grad(grad_2d.float(), x_2d, weight_positions, weight.shape)
+            grad_weight_values = grad_weight_values.to(weight_values.dtype)
         if ctx.needs_input_grad[6]:
-            grad_bias_values = grad_2d.sum(0)[bias_positions]
+            grad_bias_values = grad_2d.float().sum(0)[bias_positions]
         return grad_x, None, None, None, grad_weight_values, None, grad_bias_values
 
 

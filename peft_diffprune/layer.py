@@ -49,9 +49,10 @@ class DiffState(nn.Module):
     loader restore it.
     """
 
-    def __init__(self, stretch: tuple[float, float]):
+    def __init__(self, stretch: tuple[float, float], module_name: str = ""):
         super().__init__()
         self.stretch = stretch
+        self.module_name = module_name
         self.tensor_names: list[str] = []
         self._decoded: dict[str, tuple[tuple, torch.Tensor]] = {}
 
@@ -74,8 +75,9 @@ class DiffState(nn.Module):
     ) -> None:
         """Sparse state: the Elias-Fano code of the kept positions (a persistent uint8 buffer) and their values.
 
-        Without `positions`, the code is left invalid (all zero) when `init_weights=True`, so that a layer whose
-        weights were never loaded raises on first use instead of silently acting as an identity.
+        Without `positions`, the code (all zero: it fails its checksum) and the values (NaN) are left invalid when
+        `init_weights=True`, so that a layer whose weights were never loaded raises on first use instead of silently
+        acting as an identity.
         """
         numel = base.numel()
         if positions is not None:
@@ -85,7 +87,12 @@ class DiffState(nn.Module):
         else:
             code = encode_positions(torch.randperm(numel)[:num_kept].sort().values, numel)
         if values is None:
-            values = torch.zeros(num_kept) if config.init_weights else torch.randn(num_kept) * RANDOM_DIFF_STD
+            # NaN until loaded: a file that lacks this tensor is caught by the finiteness check on first use
+            values = (
+                torch.full((num_kept,), float("nan"))
+                if config.init_weights
+                else torch.randn(num_kept) * RANDOM_DIFF_STD
+            )
         self.register_buffer(f"{name}_positions", code.to(base.device), persistent=True)
         self.register_parameter(f"{name}_values", nn.Parameter(values.to(base.device, torch.float32)))
         self.tensor_names.append(name)
@@ -97,9 +104,13 @@ class DiffState(nn.Module):
         cached = self._decoded.get(name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        positions = decode_positions(code, numel, values.numel(), what=f"the diff of {name!r}")
+        where = f"{self.module_name}.{name}" if self.module_name else name
+        positions = decode_positions(code, numel, values.numel(), what=f"the diff of {where!r}")
         if not torch.isfinite(values).all():
-            raise ValueError(f"The sparse diff of {name!r} holds non-finite values: the adapter file is corrupt.")
+            raise ValueError(
+                f"The sparse diff of {where!r} holds non-finite values: the adapter file is corrupt or incomplete "
+                "(were its weights loaded?)."
+            )
         self._decoded[name] = (key, positions)
         return positions
 
@@ -177,7 +188,7 @@ class DiffPruningLayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str = "") -> None:
         """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set."""
-        state = DiffState(config.stretch)
+        state = DiffState(config.stretch, module_name)
         for name, param in self.base_parameters().items():
             if not config.kept_pattern:
                 state.add_gated(name, param, config)

@@ -93,7 +93,7 @@ class DiffPruningModel(BaseTuner):
 
     def _verify_base(self, peft_config: DiffPruningConfig) -> None:
         """Refuse a sparse adapter made on other base weights: its positions and values would be meaningless."""
-        from .sparse import base_fingerprint
+        from .sparse import fingerprint_matches
 
         missing = [key for key in peft_config.kept_pattern if not _has_parameter(self.model, key)]
         if missing:
@@ -102,15 +102,14 @@ class DiffPruningModel(BaseTuner):
                 f"{type(self.model).__name__} does not have: load it onto the model it was trained on "
                 f"({peft_config.base_model_name_or_path or 'see adapter_config.json'})."
             )
-        fingerprint = base_fingerprint(self, list(peft_config.kept_pattern))
-        if fingerprint != peft_config.base_fingerprint:
+        if not fingerprint_matches(self, list(peft_config.kept_pattern), peft_config.base_fingerprint):
             raise ValueError(
-                "The base model's weights differ from those this diff pruning adapter was made on (base fingerprint "
-                f"{fingerprint[:12]} != {peft_config.base_fingerprint[:12]}), so its sparse diff would be applied to "
-                f"the wrong weights. Load the adapter onto {peft_config.base_model_name_or_path or 'its base model'}, "
-                "unmerge other adapters first, or, if you are sure, load with a config whose "
-                "verify_base_fingerprint=False: config = PeftConfig.from_pretrained(path); "
-                "config.verify_base_fingerprint = False; PeftModel.from_pretrained(model, path, config=config)."
+                "The base model's weights differ from those this diff pruning adapter was made on (their base "
+                "fingerprints differ), so its sparse diff would be applied to the wrong weights. Load the adapter onto "
+                f"{peft_config.base_model_name_or_path or 'its base model'}, unmerge other adapters first, or, if you "
+                "are sure, load with a config whose verify_base_fingerprint=False: config = "
+                "PeftConfig.from_pretrained(path); config.verify_base_fingerprint = False; "
+                "PeftModel.from_pretrained(model, path, config=config)."
             )
 
     @classmethod

@@ -39,8 +39,9 @@ def _move_into_place(staging: Path, target: Path) -> None:
         os.replace(source, destination)
 
 
-def install_atomic_save() -> None:
-    """Wrap `PeftModel.save_pretrained` so that diff pruning adapters are saved atomically. Idempotent."""
+def install_save_hooks() -> None:
+    """Wrap `PeftModel.save_pretrained` so that diff pruning adapters are saved atomically with their model card,
+    and make `push_to_hub` upload that card. Idempotent; other PEFT methods are untouched."""
     original = PeftModel.save_pretrained
     if getattr(original, "_diff_pruning_atomic", False):
         return
@@ -64,6 +65,18 @@ def install_atomic_save() -> None:
 
     save_pretrained._diff_pruning_atomic = True
     PeftModel.save_pretrained = save_pretrained
+
+    # `push_to_hub` (transformers' mixin) saves into a temporary folder, then overwrites README.md with the Hub's
+    # card before uploading: add the diff pruning section back just before the upload.
+    original_upload = PeftModel._upload_modified_files
+
+    @functools.wraps(original_upload)
+    def upload_modified_files(self, working_dir, *args, **kwargs):
+        if _is_diff_pruning(self):
+            write_model_card(self, Path(working_dir))
+        return original_upload(self, working_dir, *args, **kwargs)
+
+    PeftModel._upload_modified_files = upload_modified_files
 
 
 _CARD_MARKER = "<!-- peft_diffprune -->"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
@@ -135,23 +136,53 @@ def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
-def base_fingerprint(tuner: DiffPruningModel, tensor_names: list[str]) -> str:
-    """A SHA-256 over the named base tensors' shapes, dtypes, sums and a strided sample of their values.
+#: Values sampled per tensor for the base fingerprint.
+FINGERPRINT_SAMPLES = 8
 
-    Cheap enough to check on every load; any two distinct checkpoints of a model differ in it.
-    """
-    digest = hashlib.sha256()
+
+def _fingerprint_parts(tuner: DiffPruningModel, tensor_names: list[str]) -> tuple[str, list[torch.Tensor]]:
+    """A hash of the named base tensors' names and shapes, and a few values of each at fixed strided positions."""
+    structure = hashlib.sha256()
+    samples = []
     for key in sorted(tensor_names):
         module_name, _, param_name = key.rpartition(".")
         module = tuner.model.get_submodule(module_name)
         if isinstance(module, DiffPruningLayer):
             module = module.get_base_layer()
-        tensor = getattr(module, param_name).detach()
-        flat = tensor.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-        digest.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}|{float(flat.double().sum()):.10e}|".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
+        flat = getattr(module, param_name).detach().reshape(-1)
+        structure.update(f"{key}|{flat.numel()}|".encode())
+        positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long().to(flat.device)
+        samples.append(flat[positions].cpu())
+    return structure.hexdigest()[:32], samples
+
+
+def base_fingerprint(tuner: DiffPruningModel, tensor_names: list[str]) -> str:
+    """Fingerprint of the base weights a sparse diff is made on: `v1:<structure hash>:<base64 fp32 samples>`.
+
+    A few values of every diffed tensor, at fixed positions, identify a checkpoint (two differently trained or
+    initialised models differ almost everywhere) while staying checkable when the base is later loaded in another
+    dtype: see [`fingerprint_matches`].
+    """
+    structure, samples = _fingerprint_parts(tuner, tensor_names)
+    data = torch.cat([sample.float() for sample in samples]).numpy().tobytes()
+    return f"v1:{structure}:{base64.b64encode(data).decode()}"
+
+
+def fingerprint_matches(tuner: DiffPruningModel, tensor_names: list[str], fingerprint: str) -> bool:
+    """Whether the model's base weights are those `fingerprint` was taken from, up to a change of dtype: the
+    recorded fp32 samples, rounded to each tensor's current dtype, must equal the current values exactly."""
+    version, _, rest = fingerprint.partition(":")
+    structure, _, data = rest.partition(":")
+    if version != "v1":
+        return False
+    current_structure, samples = _fingerprint_parts(tuner, tensor_names)
+    recorded = torch.frombuffer(bytearray(base64.b64decode(data)), dtype=torch.float32)
+    if current_structure != structure or recorded.numel() != FINGERPRINT_SAMPLES * len(samples):
+        return False
+    return all(
+        torch.equal(recorded_sample.to(sample.dtype), sample)
+        for recorded_sample, sample in zip(recorded.split(FINGERPRINT_SAMPLES), samples, strict=True)
+    )
 
 
 @torch.no_grad()
@@ -205,7 +236,7 @@ def project_to_sparsity(
         if not kept.numel():
             continue
         kept_pattern[f"{module_name}.{name}"] = kept.numel()
-        new_state = new_states.setdefault(module_name, DiffState(state.stretch))
+        new_state = new_states.setdefault(module_name, DiffState(state.stretch, module_name))
         kept = kept.to(diff.device)
         new_state.add_sparse(name, base, kept.numel(), config, positions=kept, values=diff[kept])
 
@@ -245,19 +276,23 @@ def from_finetuned(
     place and returned as a `PeftModel` in the sparse state, ready to save or to fine-tune with the mask fixed.
     """
     finetuned_params = dict(finetuned_model.named_parameters())
+    base_shapes = {name: tuple(param.shape) for name, param in base_model.named_parameters()}
+    tuned_shapes = {name: tuple(param.shape) for name, param in finetuned_params.items()}
+    if base_shapes != tuned_shapes:
+        name = sorted(set(base_shapes).symmetric_difference(tuned_shapes)) or [
+            n for n in base_shapes if base_shapes[n] != tuned_shapes[n]
+        ]
+        raise ValueError(
+            f"The fine-tuned model and the base model differ at {name[0]!r} (base: {base_shapes.get(name[0])}, "
+            f"fine-tuned: {tuned_shapes.get(name[0])}): they must share an architecture, task head included."
+        )
     config = DiffPruningConfig(target_sparsity=target_sparsity, **config_kwargs)
     peft_model = get_peft_model(base_model, config, adapter_name=adapter_name)
     tuner = get_tuner(peft_model)
     for module_name, _, state, name, base in _adapter_tensors(tuner, adapter_name):
-        key = f"{module_name}.{name}"
-        tuned = finetuned_params.get(key)
-        if tuned is None or tuned.shape != base.shape:
-            found = "missing" if tuned is None else f"of shape {tuple(tuned.shape)}"
-            raise ValueError(
-                f"The fine-tuned model's {key!r} is {found}, but the base model has shape {tuple(base.shape)}: "
-                "the two models must share an architecture."
-            )
+        tuned = finetuned_params[f"{module_name}.{name}"]
         getattr(state, f"{name}_diff").copy_(tuned.float() - base.float())
+        # open every gate fully: the deterministic gate is exactly 1 for large logits
         getattr(state, f"{name}_alpha").fill_(max(config.alpha_init, 10.0))
         if hasattr(state, f"{name}_group_alpha"):
             getattr(state, f"{name}_group_alpha").fill_(max(config.alpha_init, 10.0))
