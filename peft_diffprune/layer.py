@@ -219,7 +219,8 @@ class DiffPruningLayer(BaseTunerLayer):
             tensors = [base_params[n] for n in names] + [
                 t for s in states for n in s.tensor_names for t in s.tensors(n)
             ]
-            key = tuple((id(t), t._version) for t in tensors)
+            # `Module.to()` swaps `.data` without bumping `_version`: the storage pointer and dtype catch that
+            key = tuple((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors)
             if self._eval_cache is not None and self._eval_cache[0] == key:
                 return self._eval_cache[1]
         else:
@@ -318,6 +319,10 @@ class Embedding(WrappedModule):
         # that this batch never reads; the gates of unused rows get no gradient from the task loss either way.
         rows, inverse = torch.unique(x, return_inverse=True)
         delta = sum(s.gated_delta("weight", sample=True, rows=rows) for s in states if "weight" in s.tensor_names)
+        padding_idx = self.get_base_layer().padding_idx
+        if padding_idx is not None:
+            # as in full fine-tuning, the padding row is used but never trained
+            delta = torch.where((rows == padding_idx).unsqueeze(1), delta.detach(), delta)
         base_out = self.base_layer(x, *args, **kwargs)
         delta_out = F.embedding(inverse, delta.to(base_out.dtype))
         embed_scale = self._get_embed_scale()

@@ -175,6 +175,11 @@ class DiffPruningModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Diff states are created on the base layer's device; BaseTuner's version would also copy `child.weight`
+        # onto unwrapped modules, which fails for task heads without a weight (RobertaClassificationHead).
+        setattr(parent, child_name, new_module)
+
     def diff_layers(self) -> dict[str, DiffPruningLayer]:
         """The wrapped modules by name (relative to the base model)."""
         return {name: m for name, m in self.model.named_modules() if isinstance(m, DiffPruningLayer)}
@@ -190,15 +195,31 @@ class DiffPruningModel(BaseTuner):
                 total = total.to(term.device) + term
         return total
 
-    def forward(self, *args: Any, **kwargs: Any):
-        outputs = self.model(*args, **kwargs)
+    def _post_injection_hook(self, model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> None:
+        # A forward hook on the model itself, not an override of this tuner's forward: PeftModel without a task
+        # type calls the base model directly, and the penalty must be in the loss on every path.
+        if getattr(self, "_l0_hook", None) is None:
+            self._l0_hook = model.register_forward_hook(self._add_l0_penalty)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        # the unloaded model is a plain model again: it must not keep adding a penalty of adapters it no longer has
+        if getattr(self, "_l0_hook", None) is not None:
+            self._l0_hook.remove()
+            self._l0_hook = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _add_l0_penalty(self, module: nn.Module, args: Any, outputs: Any) -> Any:
+        """Add `l0_lambda * E[L0]` of every active gated adapter to the loss the model returned, in training mode."""
         loss = getattr(outputs, "loss", None)
-        if self.training and isinstance(loss, torch.Tensor) and not self._adapters_disabled():
-            for adapter_name in self.active_adapters:
-                l0_lambda = self.peft_config[adapter_name].l0_lambda
-                if l0_lambda > 0 and not self.peft_config[adapter_name].kept_pattern:
-                    loss = loss + l0_lambda * self.expected_l0(adapter_name).to(loss.device, loss.dtype)
-            outputs.loss = loss
+        if not (module.training and isinstance(loss, torch.Tensor)) or self._adapters_disabled():
+            return outputs
+        penalty = torch.zeros((), dtype=torch.float32, device=loss.device)
+        for adapter_name in self.active_adapters:
+            config = self.peft_config[adapter_name]
+            if config.l0_lambda > 0 and not config.kept_pattern:
+                # in fp32: E[L0] counts millions of gates, beyond fp16's range
+                penalty = penalty + config.l0_lambda * self.expected_l0(adapter_name).to(loss.device)
+        outputs.loss = (loss.float() + penalty).to(loss.dtype)
         return outputs
 
     def _adapters_disabled(self) -> bool:
