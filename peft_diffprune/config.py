@@ -28,7 +28,8 @@ class DiffPruningConfig(PeftConfig):
             module of the model (`nn.Linear`, `nn.Embedding`, `nn.Conv2d`, transformers' `Conv1D`, `nn.LayerNorm` and
             RMS-norm style layers), so that all parameters outside `modules_to_save` get a diff, as in the paper.
             Modules whose weight is tied to another module's (e.g. a language-model head tied to the input
-            embedding) are skipped by the default and refused when named explicitly.
+            embedding) are skipped by the default and refused when named explicitly. Parameters registered directly
+            on a module of another type (e.g. ViT's `cls_token` and `position_embeddings`) get no diff.
         exclude_modules (`Optional[Union[list[str], str]]`):
             Modules to leave untouched, matched like `target_modules`.
         modules_to_save (`Optional[list[str]]`):

@@ -199,7 +199,7 @@ class DiffPruningModel(BaseTuner):
         # A forward hook on the model itself, not an override of this tuner's forward: PeftModel without a task
         # type calls the base model directly, and the penalty must be in the loss on every path.
         if getattr(self, "_l0_hook", None) is None:
-            self._l0_hook = model.register_forward_hook(self._add_l0_penalty)
+            self._l0_hook = model.register_forward_hook(self._add_l0_penalty, with_kwargs=True)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         # the unloaded model is a plain model again: it must not keep adding a penalty of adapters it no longer has
@@ -208,10 +208,15 @@ class DiffPruningModel(BaseTuner):
             self._l0_hook = None
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
-    def _add_l0_penalty(self, module: nn.Module, args: Any, outputs: Any) -> Any:
-        """Add `l0_lambda * E[L0]` of every active gated adapter to the loss the model returned, in training mode."""
-        loss = getattr(outputs, "loss", None)
-        if not (module.training and isinstance(loss, torch.Tensor)) or self._adapters_disabled():
+    def _add_l0_penalty(self, module: nn.Module, args: Any, kwargs: dict, outputs: Any) -> Any:
+        """Add `l0_lambda * E[L0]` of every active gated adapter to the loss the model returned, in training mode.
+
+        The loss is `outputs.loss`, or with `return_dict=False` the first element of the tuple when labels were
+        passed (transformers' convention).
+        """
+        as_tuple = isinstance(outputs, tuple) and kwargs.get("labels") is not None
+        loss = outputs[0] if as_tuple else getattr(outputs, "loss", None)
+        if not (module.training and isinstance(loss, torch.Tensor) and loss.dim() == 0) or self._adapters_disabled():
             return outputs
         penalty = torch.zeros((), dtype=torch.float32, device=loss.device)
         for adapter_name in self.active_adapters:
@@ -219,7 +224,10 @@ class DiffPruningModel(BaseTuner):
             if config.l0_lambda > 0 and not config.kept_pattern:
                 # in fp32: E[L0] counts millions of gates, beyond fp16's range
                 penalty = penalty + config.l0_lambda * self.expected_l0(adapter_name).to(loss.device)
-        outputs.loss = (loss.float() + penalty).to(loss.dtype)
+        loss = (loss.float() + penalty).to(loss.dtype)
+        if as_tuple:
+            return (loss, *outputs[1:])
+        outputs.loss = loss
         return outputs
 
     def _adapters_disabled(self) -> bool:

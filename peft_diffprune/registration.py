@@ -7,7 +7,7 @@ prefix mappings are filled exactly as for an in-tree method.
 
 from __future__ import annotations
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 
@@ -28,8 +28,11 @@ def add_peft_type(name: str) -> PeftType:
 
 
 def register(name: str, config_cls: type, model_cls: type) -> None:
-    """Register a PEFT method under `name` (lower case); a second call is a no-op."""
+    """Register a PEFT method under `name` (lower case). Calling it again (a reload of the package or of its
+    modules, as Jupyter's autoreload does) points PEFT's mappings at the new classes instead of failing."""
     peft_type = add_peft_type(name.upper())
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+    if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         return
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls)
