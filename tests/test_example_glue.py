@@ -1,0 +1,299 @@
+"""End-to-end tests of examples/glue.py on a tiny random BERT and real RTE data, offline.
+
+Every run is a subprocess, as a user would start it: one process with `python`, two with `accelerate launch`. The
+tiny model (hidden size 32, two layers) shares the packaged MiniLM's tokenizer, so its vocabulary is the real one.
+Launches are the slow part, so each run is made once per session and checked by several tests.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    DataCollatorWithPadding,
+)
+
+import peft_diffprune  # noqa: F401  (registers diff pruning with PEFT for PeftModel.from_pretrained)
+from peft_diffprune.glue import compute_glue_metrics, load_glue, predictions_from_logits, tokenize_glue
+from peft_diffprune.hub import packaged_minilm_path
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "glue.py"
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" / "glue"))
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+MAX_LENGTH = 64
+EVAL_SAMPLES = 32
+TARGET_SPARSITY = 0.005
+# 64 examples in batches of 8: 8 batches per epoch; 5 steps per stage, a checkpoint after step 3 of each stage.
+COMMON_ARGS = [
+    "--task_name", "rte",
+    "--max_train_samples", "64",
+    "--max_eval_samples", str(EVAL_SAMPLES),
+    "--max_length", str(MAX_LENGTH),
+    "--max_train_steps", "5",
+    "--logging_steps", "2",
+    "--target_sparsity", str(TARGET_SPARSITY),
+    "--learning_rate", "1e-3",
+    "--fixmask_learning_rate", "1e-3",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data in {GLUE_DIR}"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_example(args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """Run examples/glue.py offline, with `python` for one process and `accelerate launch` for several."""
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT)]
+    else:
+        # `accelerate launch --cpu --num_processes N` would start a single process (it needs MPI for more); this
+        # goes through torchrun, and the script's --cpu makes the processes one CPU data-parallel group.
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            str(SCRIPT), "--cpu",
+        ]  # fmt: skip
+    result = subprocess.run(
+        command + args, capture_output=True, text=True, env={**os.environ, **OFFLINE}, cwd=REPO_ROOT, timeout=600
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command + args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-layer BERT encoder (no task head) with the packaged MiniLM's tokenizer, saved to a folder."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_minilm_path())
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LENGTH,
+        # no dropout, so that full fine-tuning computes the same updates on one process and on two
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def eval_batch(tiny_model) -> dict[str, torch.Tensor]:
+    """The evaluation examples the runs use (first EVAL_SAMPLES of RTE dev), tokenized and padded in one batch."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    validation = tokenize_glue(load_glue("rte", GLUE_DIR), tokenizer, "rte", MAX_LENGTH)["validation"]
+    return DataCollatorWithPadding(tokenizer)([validation[i] for i in range(EVAL_SAMPLES)])
+
+
+@pytest.fixture(scope="session")
+def runs(tiny_model, tmp_path_factory):
+    """Runs made at most once per session, by name; each returns its output folder."""
+    made: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("runs")
+
+    def get(name: str, args: list[str], processes: int = 1) -> Path:
+        if name not in made:
+            output_dir = root / name
+            run = run_example(
+                [*COMMON_ARGS, "--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR)]
+                + ["--output_dir", str(output_dir), *args],
+                processes,
+            )
+            (output_dir / "stdout.txt").write_text(run.stdout + run.stderr)
+            made[name] = output_dir
+        return made[name]
+
+    return get
+
+
+def diff_pruning_run(runs) -> Path:
+    """The reference run: diff pruning on one process, checkpointing every 3 steps."""
+    return runs("diff_pruning", ["--per_device_train_batch_size", "8", "--checkpointing_steps", "3"])
+
+
+def load_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def assert_saved_model_reproduces(output_dir: Path, tiny_model: Path, eval_batch, results: dict) -> None:
+    """Reload what the run saved and check that it gives the metrics and eval loss the run reported."""
+    if results["method"] == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+        model = PeftModel.from_pretrained(base, output_dir)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in eval_batch.items() if k != "labels"}).logits
+    labels = eval_batch["labels"]
+    metrics = compute_glue_metrics("rte", predictions_from_logits("rte", logits.numpy()), labels.numpy())
+    reported = results["metrics"]["validation"]
+    assert metrics["accuracy"] == reported["accuracy"]
+    assert F.cross_entropy(logits, labels).item() == pytest.approx(reported["loss"], abs=1e-5)
+
+
+def test_diff_pruning_one_process(runs, tiny_model, eval_batch):
+    output_dir = diff_pruning_run(runs)
+    results = load_results(output_dir)
+
+    assert results["task"] == "rte" and results["method"] == "diff_pruning" and results["num_processes"] == 1
+    assert results["args"]["target_sparsity"] == TARGET_SPARSITY
+    assert set(results["stages"]) == {"gated", "projection", "fixmask"}
+    for stage in ("gated", "fixmask"):
+        assert results["stages"][stage]["steps"] == 5
+        assert results["stages"][stage]["train_seconds"] > 0
+        assert set(results["stages"][stage]["metrics"]["validation"]) == {"accuracy", "loss"}
+    assert results["stages"]["projection"]["metrics"]["validation"]["accuracy"] >= 0
+    assert results["metrics"] == results["stages"]["fixmask"]["metrics"]
+    assert results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
+    assert results["stages"]["projection"]["kept"] == results["kept"]
+    assert results["density"] == pytest.approx(TARGET_SPARSITY, rel=1e-3)
+    assert sum(t["kept"] for t in results["tensors"]) == results["kept"]
+    assert results["adapter_bytes"] == (output_dir / "adapter_model.safetensors").stat().st_size
+    assert set(results["wall_seconds"]) == {"gated", "projection", "fixmask"}
+    for plot in ("training_curves.png", "layer_density.png"):
+        assert (output_dir / plot).read_bytes().startswith(b"\x89PNG")
+
+    log = (output_dir / "stdout.txt").read_text()
+    assert "gated step 2/5: task_loss" in log and "expected_density" in log and "l0_term" in log
+
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert sum(adapter_config["kept_pattern"].values()) == results["kept"]
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+def test_diff_pruning_two_processes_match_one(runs, tiny_model, eval_batch):
+    """Same global batch (2 x 4 instead of 1 x 8), same data order. Each process samples its own gates, as another
+    micro-batch would, so the runs are not identical: the kept count is, metrics agree within a loose tolerance."""
+    one = load_results(diff_pruning_run(runs))
+    # float16 values in the saved adapter: the reported metrics must be those of the rounded diff
+    args = ["--per_device_train_batch_size", "4", "--values_dtype", "float16"]
+    output_dir = runs("diff_pruning_2proc", args, processes=2)
+    two = load_results(output_dir)
+    assert json.loads((output_dir / "adapter_config.json").read_text())["values_dtype"] == "float16"
+
+    assert two["num_processes"] == 2 and two["total_train_batch_size"] == one["total_train_batch_size"] == 8
+    assert two["kept"] == one["kept"]
+    for stage in ("gated", "projection", "fixmask"):
+        metrics_one, metrics_two = (
+            one["stages"][stage]["metrics"]["validation"],
+            two["stages"][stage]["metrics"]["validation"],
+        )
+        assert metrics_two["accuracy"] == pytest.approx(metrics_one["accuracy"], abs=3 / EVAL_SAMPLES)
+        assert metrics_two["loss"] == pytest.approx(metrics_one["loss"], abs=2e-3)
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, two)
+
+
+@pytest.mark.parametrize("checkpoint", ["gated_step_3", "fixmask_step_3"])
+def test_resume_matches_uninterrupted(runs, checkpoint, tiny_model, eval_batch):
+    reference_dir = diff_pruning_run(runs)
+    assert (reference_dir / "fixmask_step_3" / "projection" / "adapter_config.json").is_file()
+    output_dir = runs(
+        f"resume_{checkpoint}",
+        ["--per_device_train_batch_size", "8", "--resume_from_checkpoint", str(reference_dir / checkpoint)],
+    )
+    reference, resumed = load_results(reference_dir), load_results(output_dir)
+
+    assert resumed["resumed_from"] == str(reference_dir / checkpoint)
+    for stage in ("gated", "projection", "fixmask"):
+        assert resumed["stages"][stage]["metrics"] == reference["stages"][stage]["metrics"]
+    assert resumed["kept"] == reference["kept"]
+    reference_adapter = load_file(reference_dir / "adapter_model.safetensors")
+    resumed_adapter = load_file(output_dir / "adapter_model.safetensors")
+    assert reference_adapter.keys() == resumed_adapter.keys()
+    for key, tensor in reference_adapter.items():
+        assert torch.equal(tensor, resumed_adapter[key]), key
+    assert "Resuming from" in (output_dir / "stdout.txt").read_text()
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, resumed)
+
+
+def test_full_fine_tuning_two_processes_match_one(runs, tiny_model, eval_batch):
+    """Full fine-tuning has no sampled gates and the model no dropout: 1 x 8 and 2 x 4 agree to rounding."""
+    one_dir = runs("full", ["--method", "full", "--per_device_train_batch_size", "8"])
+    two_dir = runs("full_2proc", ["--method", "full", "--per_device_train_batch_size", "4"], processes=2)
+    one, two = load_results(one_dir), load_results(two_dir)
+
+    assert one["method"] == "full" and set(one["stages"]) == {"train"}
+    assert one["adapter_bytes"] == (one_dir / "model.safetensors").stat().st_size
+    assert two["num_processes"] == 2
+    assert two["metrics"]["validation"]["accuracy"] == one["metrics"]["validation"]["accuracy"]
+    assert two["metrics"]["validation"]["loss"] == pytest.approx(one["metrics"]["validation"]["loss"], abs=1e-5)
+    assert_saved_model_reproduces(one_dir, tiny_model, eval_batch, one)
+
+
+def test_lora_baseline(runs, tiny_model, eval_batch):
+    output_dir = runs("lora", ["--method", "lora", "--lora_r", "4"])
+    results = load_results(output_dir)
+
+    assert results["method"] == "lora" and set(results["stages"]) == {"train"}
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (output_dir / "training_curves.png").is_file()
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+@pytest.fixture(scope="session")
+def three_label_model(tiny_model, tmp_path_factory) -> Path:
+    """A checkpoint whose classification head has 3 labels, which RTE (2 labels) cannot use."""
+    folder = tmp_path_factory.mktemp("three_labels")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown_task", "invalid choice: 'nosuchtask'"),
+        ("data_dir_without_task", "No local GLUE data for 'rte'"),
+        ("head_with_other_num_labels", "has a classification head with 3 labels, but rte needs 2"),
+        ("target_sparsity_zero", "--target_sparsity must be in (0, 1]"),
+        ("target_sparsity_above_one", "--target_sparsity must be in (0, 1]"),
+    ],
+)
+def test_bad_input_fails_before_training(case, message, tiny_model, three_label_model, tmp_path):
+    args = {
+        "unknown_task": ["--task_name", "nosuchtask"],
+        "data_dir_without_task": ["--data_dir", str(tmp_path / "empty_glue")],
+        "head_with_other_num_labels": ["--model_name_or_path", str(three_label_model)],
+        "target_sparsity_zero": ["--target_sparsity", "0"],
+        "target_sparsity_above_one": ["--target_sparsity", "1.5"],
+    }[case]
+    output_dir = tmp_path / "output"
+    defaults = ["--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR), "--output_dir", str(output_dir)]
+    # later occurrences of an option win in argparse, so `args` overrides the defaults
+    result = run_example([*COMMON_ARGS, *defaults, *args], check=False)
+
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Stage gated" not in result.stdout + result.stderr
+    assert not (output_dir / "results.json").exists()
