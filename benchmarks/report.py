@@ -63,14 +63,13 @@ def serving_table(record: dict) -> str:
 
 
 def main() -> None:
-    for name, render in (("train_step.json", train_step_table), ("serving.json", serving_table)):
-        path = RESULTS / name
-        if path.exists():
-            record = json.loads(path.read_text())
-            print(
-                f"### {name}\n\n`{record['command']}` (commit {record['commit']}, {record['date']}, {record['machine']})\n"
-            )
-            print(render(record) + "\n")
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        render = serving_table if path.name == "serving.json" else train_step_table
+        print(
+            f"### {path.name}\n\n`{record['command']}` (commit {record['commit']}, {record['date']}, {record['machine']})\n"
+        )
+        print(render(record) + "\n")
 
 
 if __name__ == "__main__":
