@@ -298,6 +298,12 @@ class DiffPruningLayer(BaseTunerLayer):
 class WrappedModule(nn.Module, DiffPruningLayer):
     """A module wrapped by diff pruning; subclasses specialise `_adapted_forward` for one kind of module."""
 
+    def train(self, mode: bool = True):
+        # Fused optimizers update parameters in place without bumping their version counters, so the eval cache
+        # cannot rely on them alone: it lives from one switch to eval mode to the next mode switch.
+        self._eval_cache = None
+        return super().train(mode)
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
         super().__init__()
         DiffPruningLayer.__init__(self, base_layer)

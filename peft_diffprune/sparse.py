@@ -248,6 +248,11 @@ def project_to_sparsity(
         else:
             del layer.diff_pruning_state[adapter_name]
         layer._eval_cache = None
+        if not len(layer.diff_pruning_state):
+            # nothing kept here and no other adapter: unwrap, as a model rebuilt from the saved config would be
+            parent, _, child_name = module_name.rpartition(".")
+            tuner._replace_module(tuner.model.get_submodule(parent), child_name, layer.get_base_layer(), layer)
+            continue
         layer.set_adapter(layer.active_adapters, inference_mode=config.inference_mode)
 
     config.kept_pattern = kept_pattern
