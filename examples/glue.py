@@ -382,9 +382,7 @@ def main():
             groups = [
                 {"name": "all", "params": trainable, "lr": args.learning_rate, "weight_decay": args.weight_decay}
             ]
-        # Fused AdamW is several times faster on CPU than the default. Its update does not bump the parameters'
-        # version counters, which peft_diffprune's eval cache relies on: so each stage trains a model that has not
-        # been evaluated yet (docs/glue_example.md, "Known issues").
+        # Fused AdamW is several times faster on CPU than the default foreach implementation.
         optimizer = torch.optim.AdamW(groups, fused=True)
 
         model, optimizer, stage_dataloader, *prepared_eval = accelerator.prepare(
