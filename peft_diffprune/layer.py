@@ -165,14 +165,13 @@ class DiffPruningLayer(BaseTunerLayer):
     adapter_layer_names = ("diff_pruning_state",)
     other_param_names = ()
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.diff_pruning_state = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._eval_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        self.kwargs = kwargs
         base = self.get_base_layer()
         for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim"):
             if hasattr(base, attr):
