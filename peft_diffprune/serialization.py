@@ -1,7 +1,7 @@
-"""Atomic saving and the model card of diff pruning adapters.
+"""Atomic saving and the model card of this package's adapters (diff pruning, parallel adapters, MAM).
 
 `PeftModel.save_pretrained` writes straight into the target folder, so an exception or a kill half way leaves a
-mix of old and new files. For diff pruning adapters we let PEFT write into a temporary sibling folder and move each
+mix of old and new files. For this package's adapters we let PEFT write into a temporary sibling folder and move each
 finished file into place with `os.replace` (atomic on POSIX): weights first, `adapter_config.json` last. An error
 before the move leaves the previous adapter untouched. Other PEFT methods are saved exactly as PEFT does.
 """
@@ -24,8 +24,16 @@ from .encoding import encoded_size
 _WRITE_LAST = (CONFIG_NAME,)
 
 
-def _is_diff_pruning(model: PeftModel) -> bool:
-    return any(config.peft_type == PeftType.DIFF_PRUNING for config in model.peft_config.values())
+#: The PEFT methods of this package (registered on import), saved atomically with a model card section.
+OUR_PEFT_TYPES = {"DIFF_PRUNING": "Diff pruning", "PARALLEL_ADAPTER": "Parallel adapter", "MAM": "MAM"}
+
+
+def _type_name(config) -> str:
+    return getattr(config.peft_type, "value", config.peft_type)
+
+
+def _is_ours(model: PeftModel) -> bool:
+    return any(_type_name(config) in OUR_PEFT_TYPES for config in model.peft_config.values())
 
 
 def _move_into_place(staging: Path, target: Path) -> None:
@@ -48,7 +56,7 @@ def install_save_hooks() -> None:
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if not _is_diff_pruning(self) or not kwargs.get("is_main_process", True):
+        if not _is_ours(self) or not kwargs.get("is_main_process", True):
             return original(self, save_directory, *args, **kwargs)
         target = Path(save_directory)
         if target.is_file():
@@ -72,7 +80,7 @@ def install_save_hooks() -> None:
 
     @functools.wraps(original_upload)
     def upload_modified_files(self, working_dir, *args, **kwargs):
-        if _is_diff_pruning(self):
+        if _is_ours(self):
             write_model_card(self, Path(working_dir))
         return original_upload(self, working_dir, *args, **kwargs)
 
@@ -80,6 +88,11 @@ def install_save_hooks() -> None:
 
 
 _CARD_MARKER = "<!-- peft_diffprune -->"
+_HOW_TO_LOAD = (
+    "How to load (import `peft_diffprune` first: it registers the method with PEFT):\n\n"
+    "```python\nimport peft_diffprune  # noqa: F401\nfrom peft import PeftModel\n"
+    'model = PeftModel.from_pretrained(base_model, "<this repo or folder>")\n```\n\n'
+)
 
 
 def adapter_summary(model: PeftModel, adapter_name: str) -> dict:
@@ -112,6 +125,10 @@ def write_model_card(model: PeftModel, folder: Path) -> None:
     text = text.split(_CARD_MARKER)[0].rstrip() + "\n\n" + _CARD_MARKER + "\n"
     for adapter_name, config in model.peft_config.items():
         if config.peft_type != PeftType.DIFF_PRUNING:
+            if _type_name(config) in OUR_PEFT_TYPES:
+                text += f"## {OUR_PEFT_TYPES[_type_name(config)]} adapter `{adapter_name}`\n\n"
+                text += f"- Base model: `{config.base_model_name_or_path}`\n- Task type: `{config.task_type}`\n\n"
+                text += _HOW_TO_LOAD
             continue
         text += f"## Diff pruning adapter `{adapter_name}`\n\n"
         text += f"- Base model: `{config.base_model_name_or_path}`\n- Task type: `{config.task_type}`\n"
@@ -131,9 +148,5 @@ def write_model_card(model: PeftModel, folder: Path) -> None:
         densest = sorted(summary["module_density"].items(), key=lambda item: -item[1])[:10]
         text += "Densest modules:\n\n| module | density |\n|---|---|\n"
         text += "".join(f"| `{name}` | {density:.3%} |\n" for name, density in densest)
-        text += (
-            "\nHow to load (import `peft_diffprune` first: it registers the method with PEFT):\n\n"
-            "```python\nimport peft_diffprune  # noqa: F401\nfrom peft import PeftModel\n"
-            'model = PeftModel.from_pretrained(base_model, "<this repo or folder>")\n```\n\n'
-        )
+        text += "\n" + _HOW_TO_LOAD
     readme.write_text(text)
