@@ -29,6 +29,7 @@ ATTENTION_PATTERNS: dict[str, str] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT_LIKE),
     "gpt2": r"(.*\.)?h\.\d+\.attn",
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), _DECODER_LIKE),
+    "vit": r"(.*\.)?layers\.\d+\.attention",
     "t5": r"(.*\.)?block\.\d+\.layer\.0\.SelfAttention",
 }
 

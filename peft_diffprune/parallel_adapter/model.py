@@ -18,6 +18,7 @@ SUBLAYER_PATTERNS: dict[str, dict[str, str]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "camembert", "electra"), _BERT_LIKE),
     "gpt2": {"ffn": r"(.*\.)?h\.\d+\.mlp", "attn": r"(.*\.)?h\.\d+\.attn"},
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), _DECODER_LIKE),
+    "vit": {"ffn": r"(.*\.)?layers\.\d+\.mlp", "attn": r"(.*\.)?layers\.\d+\.attention"},
     "t5": {"ffn": r"(.*\.)?layer\.\d+\.DenseReluDense", "attn": r"(.*\.)?block\.\d+\.layer\.0\.SelfAttention"},
 }
 
