@@ -154,11 +154,14 @@ class MAMModel(ParallelAdapterModel):
             )
         return self.mam_prefix_trunk[adapter_name]
 
-    def _drop_unused_trunks(self, *args: Any) -> None:
-        # loading folded prefixes drops the layers' projection heads (PrefixAttention._drop_projection_on_load)
+    def _drop_unused_trunks(self, module: nn.Module, incompatible_keys: Any) -> None:
+        # loading folded prefixes drops the layers' projection heads (PrefixAttention._drop_projection_on_load);
+        # their trunks go too, and are not "missing" from a checkpoint that never holds them
         used = {name for layer in self.prefix_layers().values() for name in layer.mam_prefix_head}
         for name in [name for name in self.mam_prefix_trunk if name not in used]:
             del self.mam_prefix_trunk[name]
+            marker = f"mam_prefix_trunk.{name}."
+            incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if marker not in k]
 
     def prefix_layers(self) -> dict[str, PrefixAttention]:
         return {name: m for name, m in self.model.named_modules() if isinstance(m, PrefixAttention)}
@@ -172,7 +175,8 @@ class MAMModel(ParallelAdapterModel):
             for name in names:
                 layer.fold(name)
         for name in names:
-            self.mam_prefix_trunk.pop(name, None)
+            if name in self.mam_prefix_trunk:
+                del self.mam_prefix_trunk[name]
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -193,7 +197,8 @@ class MAMModel(ParallelAdapterModel):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.mam_prefix_trunk.pop(adapter_name, None)
+        if adapter_name in self.mam_prefix_trunk:
+            del self.mam_prefix_trunk[adapter_name]
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
