@@ -300,3 +300,17 @@ def test_unknown_architecture_names_the_fix():
     net = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="pass `prefix_modules`"):
         get_peft_model(net, MAMConfig(r=2, prefix_length=2))
+
+
+@pytest.mark.parametrize("loader", ["low_cpu_mem_usage", "transformers"])
+def test_other_loaders(loader, tmp_path):
+    _, model = make_models("gpt2", {}, init_weights=False)
+    batch = MODEL_CASES["gpt2"].batch()
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    if loader == "transformers":
+        loaded = MODEL_CASES["gpt2"].model()
+        loaded.load_adapter(str(tmp_path))
+    else:
+        loaded = PeftModel.from_pretrained(MODEL_CASES["gpt2"].model(), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded.eval(), batch), expected)

@@ -299,3 +299,17 @@ def test_trainable_parameter_count():
     head = sum(p.numel() for n, p in model.named_parameters() if ".modules_to_save." in n and p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sublayers * per_adapter + head
+
+
+@pytest.mark.parametrize("loader", ["low_cpu_mem_usage", "transformers"])
+def test_other_loaders(loader, tmp_path):
+    _, model = make_models("gpt2", {"placement": ["ffn", "attn"]}, init_weights=False)
+    batch = MODEL_CASES["gpt2"].batch()
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path)
+    if loader == "transformers":
+        loaded = MODEL_CASES["gpt2"].model()
+        loaded.load_adapter(str(tmp_path))
+    else:
+        loaded = PeftModel.from_pretrained(MODEL_CASES["gpt2"].model(), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded.eval(), batch), expected, rtol=0, atol=0)
