@@ -61,6 +61,9 @@ METHODS = {
     "prefix": ["--method", "prefix"],
     "parallel_adapter": ["--method", "parallel_adapter"],
     "mam": ["--method", "mam"],
+    # the design-space ablation (issue 6): the same 0.5% budget spent on attention or on the FFN sub-layers only
+    "diff_pruning_attn": ["--method", "diff_pruning", "--diff_placement", "attn"],
+    "diff_pruning_ffn": ["--method", "diff_pruning", "--diff_placement", "ffn"],
 }
 
 
