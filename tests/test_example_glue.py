@@ -95,7 +95,8 @@ def tiny_model(tmp_path_factory) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=MAX_LENGTH,
+        # prefix tuning's virtual tokens shift BERT's positions by their number
+        max_position_embeddings=MAX_LENGTH + 16,
         # no dropout, so that full fine-tuning computes the same updates on one process and on two
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
@@ -148,6 +149,10 @@ def assert_saved_model_reproduces(output_dir: Path, tiny_model: Path, eval_batch
     """Reload what the run saved and check that it gives the metrics and eval loss the run reported."""
     if results["method"] == "full":
         model = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    elif results["method"] == "bitfit":
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+        loaded = model.load_state_dict(load_file(output_dir / "bitfit_model.safetensors"), strict=False)
+        assert not loaded.unexpected_keys
     else:
         base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
         model = PeftModel.from_pretrained(base, output_dir)
@@ -257,6 +262,100 @@ def test_lora_baseline(runs, tiny_model, eval_batch):
     assert results["method"] == "lora" and set(results["stages"]) == {"train"}
     assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (output_dir / "training_curves.png").is_file()
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+def test_non_adaptive_diff_pruning(runs, tiny_model, eval_batch):
+    """Full fine-tuning, its diff pruned by magnitude to the target, then the fixed-mask stage."""
+    output_dir = runs("non_adaptive", ["--method", "non_adaptive", "--per_device_train_batch_size", "8"])
+    results = load_results(output_dir)
+
+    assert results["method"] == "non_adaptive" and list(results["stages"]) == ["train", "projection", "fixmask"]
+    for stage in ("train", "fixmask"):
+        assert results["stages"][stage]["steps"] == 5
+    assert results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
+    assert results["stages"]["projection"]["kept"] == results["kept"]
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "DIFF_PRUNING"
+    # the fixed-mask stage trains the kept entries and the dense task head (32 x 2 + 2), nothing else
+    assert results["trainable_parameters"] == results["kept"] + 66
+    assert (output_dir / "layer_density.png").read_bytes().startswith(b"\x89PNG")
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+def test_bitfit_saves_only_biases_and_head(runs, tiny_model, eval_batch):
+    output_dir = runs("bitfit", ["--method", "bitfit"])
+    results = load_results(output_dir)
+    saved = load_file(output_dir / "bitfit_model.safetensors")
+
+    assert results["method"] == "bitfit"
+    assert saved and all(name.endswith(".bias") or name.startswith("classifier.") for name in saved)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    biases = [name for name, _ in base.named_parameters() if name.endswith(".bias")]
+    assert set(saved) == {*biases, "classifier.weight"}
+    assert results["trainable_parameters"] == sum(tensor.numel() for tensor in saved.values())
+    assert results["adapter_bytes"] == (output_dir / "bitfit_model.safetensors").stat().st_size
+    pretrained = base.state_dict()
+    assert all(not torch.equal(saved[name], pretrained[name]) for name in biases)
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+# method, its flags, the saved adapter's peft_type, and the tensor names (last two parts) the file holds besides the
+# task head
+PEFT_BASELINES = [
+    (
+        "supertuning",
+        [],
+        "SUPERTUNING",
+        {
+            f"{module}.supertuning_{kind}"
+            for module in ("query", "key", "value", "dense")
+            for kind in ("values", "indices")
+        },
+    ),
+    ("prefix", ["--num_virtual_tokens", "4"], "PREFIX_TUNING", {"prompt_embeddings"}),
+    (
+        "parallel_adapter",
+        ["--adapter_r", "4"],
+        "PARALLEL_ADAPTER",
+        {"parallel_adapter_down.weight", "parallel_adapter_down.bias", "parallel_adapter_up.weight"}
+        | {"parallel_adapter_up.bias"},
+    ),
+    (
+        "mam",
+        ["--adapter_r", "4", "--prefix_length", "4"],
+        "MAM",
+        {"mam_down.weight", "mam_down.bias", "mam_up.weight", "mam_up.bias", "self.mam_prefix_key"}
+        | {"self.mam_prefix_value"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "peft_type", "tensors"), PEFT_BASELINES, ids=[m[0] for m in PEFT_BASELINES]
+)
+def test_peft_baseline(runs, method, args, peft_type, tensors, tiny_model, eval_batch):
+    output_dir = runs(method, ["--method", method, *args])
+    results = load_results(output_dir)
+    saved = load_file(output_dir / "adapter_model.safetensors")
+
+    assert results["method"] == method and results["seed"] == 42 and list(results["stages"]) == ["train"]
+    assert "accuracy" in results["metrics"]["validation"] and results["total_wall_seconds"] > 0
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == peft_type
+    assert results["adapter_bytes"] == (output_dir / "adapter_model.safetensors").stat().st_size
+    head = {name for name in saved if "classifier" in name}
+    assert len(head) == 2
+    assert {".".join(name.split(".")[-2:]) for name in saved if name not in head} == tensors
+    if method == "supertuning":
+        # 1.1% of every linear weight of the encoder and pooler (--supertuning_sparsity 0.989), plus the head
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+        linear = [
+            m.weight.numel()
+            for n, m in base.named_modules()
+            if isinstance(m, torch.nn.Linear) and "classifier" not in n
+        ]
+        values = sum(tensor.numel() for name, tensor in saved.items() if name.endswith("supertuning_values"))
+        assert values == pytest.approx(0.011 * sum(linear), abs=len(linear))
+        assert results["trainable_parameters"] == values + 66
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 

@@ -1,0 +1,132 @@
+"""The GLUE dev accuracy table and the accuracy-vs-storage plot, from benchmarks/results/glue_accuracy.jsonl.
+
+    python benchmarks/report_accuracy.py
+
+Scores are the task's main metric x 100 (MRPC F1, STS-B Spearman, RTE accuracy, CoLA MCC, SST-2 accuracy), as
+mean ± half the range over the seeds run; "—" marks a run not made. A row's average is over all five tasks, so it
+is only given for complete rows; the "common" average is over the tasks every row of the table has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from glue_accuracy import METHODS, RESULTS, TASKS
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TASK_NAMES = {
+    "mrpc": "MRPC (F1)",
+    "stsb": "STS-B (Spearman)",
+    "rte": "RTE (acc)",
+    "cola": "CoLA (MCC)",
+    "sst2": "SST-2 (acc)",
+}
+METHOD_NAMES = {
+    "full": "full fine-tuning",
+    "diff_pruning": "diff pruning 0.5%",
+    "structured": "structured diff pruning 0.5%",
+    "lora": "LoRA q,v r=12",
+    "non_adaptive": "non-adaptive diff pruning 0.5%",
+    "supertuning": "Super-Tuning",
+    "bitfit": "BitFit",
+    "prefix": "prefix tuning (16)",
+    "parallel_adapter": "parallel adapter (FFN, r=16, s=2)",
+    "mam": "MAM (prefix 16 + PA r=16)",
+}
+
+
+def load(path: Path, budget: str) -> dict[tuple[str, str], list[dict]]:
+    """The records of `budget`, by (method, task)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["budget"] == budget:
+            runs.setdefault((record["method"], record["task"]), []).append(record)
+    return runs
+
+
+def score(record: dict) -> float:
+    return 100 * record["metrics"][record["main_metric"]]
+
+
+def summarize(runs: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[str], dict]:
+    """Methods and tasks present (in priority order), and per (method, task) the mean and half-range of the scores."""
+    methods = [m for m in METHODS if any(method == m for method, _ in runs)]
+    tasks = [t for t in TASKS if any(task == t for _, task in runs)]
+    cells = {}
+    for key, records in runs.items():
+        scores = [score(r) for r in records]
+        cells[key] = (statistics.mean(scores), (max(scores) - min(scores)) / 2, len(scores))
+    return methods, tasks, cells
+
+
+def table(runs: dict[tuple[str, str], list[dict]]) -> str:
+    methods, tasks, cells = summarize(runs)
+    common = [t for t in tasks if all((m, t) in cells for m in methods)]
+    header = [TASK_NAMES[t] for t in tasks] + ["avg (all 5)", f"avg ({', '.join(common) or 'none'})"]
+    rows = [
+        "| method | " + " | ".join(header) + " | trainable params | stored bytes |",
+        "|---|" + "---|" * (len(header) + 2),
+    ]
+    for method in methods:
+        row = []
+        for task in tasks:
+            if (method, task) not in cells:
+                row.append("—")
+                continue
+            mean, spread, n = cells[method, task]
+            row.append(f"{mean:.1f} ± {spread:.1f}" if n > 1 else f"{mean:.1f} (1 seed)")
+        complete = all((method, t) in cells for t in TASKS)
+        row.append(f"{statistics.mean(cells[method, t][0] for t in TASKS):.1f}" if complete else "—")
+        row.append(f"{statistics.mean(cells[method, t][0] for t in common):.1f}" if common else "—")
+        records = [r for (m, _), rs in runs.items() if m == method for r in rs]
+        trainable = statistics.median(r["trainable_parameters"] for r in records)
+        stored = statistics.median(r["stored_bytes"] for r in records)
+        rows.append(f"| {METHOD_NAMES[method]} | " + " | ".join(row) + f" | {trainable:,.0f} | {stored:,.0f} |")
+    return "\n".join(rows)
+
+
+def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
+    """Average score over the common tasks against the stored bytes of the task's weights, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, tasks, cells = summarize(runs)
+    common = [t for t in tasks if all((m, t) in cells for m in methods)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        stored = statistics.median(r["stored_bytes"] for (m, _), rs in runs.items() if m == method for r in rs)
+        average = statistics.mean(cells[method, t][0] for t in common)
+        ax.scatter(stored, average)
+        ax.annotate(METHOD_NAMES[method], (stored, average), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bytes per task (weights file)")
+    ax.set_ylabel(f"mean dev score x 100 ({', '.join(common)})")
+    ax.set_title("Packaged MiniLM, GLUE dev, CPU budget")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--budget", default="cpu")
+    parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "images" / "glue_accuracy_vs_bytes.png")
+    args = parser.parse_args()
+    runs = load(args.results, args.budget)
+    print(table(runs))
+    plot(runs, args.plot)
+    print(f"\nPlot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
