@@ -155,8 +155,20 @@ def main() -> None:
         if past(args.stop_at):
             print(f"Stopping: it is past {args.stop_at} UTC.", flush=True)
             break
+        # Another invocation may have finished this run, or be making it, since this one started.
+        if (args.budget, task, method, seed) in finished_runs(args.output):
+            continue
+        lock = args.work_dir / args.budget / f"{task}_{method}_seed{seed}.running"
+        if lock.is_file() and Path(f"/proc/{lock.read_text().strip()}").exists():
+            print(f"Skipping {task} {method} seed {seed}: process {lock.read_text().strip()} is making it.")
+            continue
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(str(os.getpid()))
         print(f"{datetime.now(timezone.utc):%H:%M:%S} {task} {method} seed {seed} ...", flush=True)
-        record = run_one(args, task, method, seed)
+        try:
+            record = run_one(args, task, method, seed)
+        finally:
+            lock.unlink()
         if record is None:
             continue
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ METHOD_NAMES = {
     "prefix": "prefix tuning (16)",
     "parallel_adapter": "parallel adapter (FFN, r=16, s=2)",
     "mam": "MAM (prefix 16 + PA r=16)",
+    "diff_pruning_attn": "diff pruning 0.5%, attention only",
+    "diff_pruning_ffn": "diff pruning 0.5%, FFN only",
 }
 
 
