@@ -108,6 +108,8 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
         ax.scatter(stored, average)
         ax.annotate(METHOD_NAMES[method], (stored, average), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
+    # room for the labels of the rightmost points
+    ax.margins(x=0.25)
     ax.set_xlabel("stored bytes per task (weights file)")
     ax.set_ylabel(f"mean dev score x 100 ({', '.join(common)})")
     ax.set_title("Packaged MiniLM, GLUE dev, CPU budget")
@@ -122,9 +124,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--budget", default="cpu")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), default=None, help="Rows to show (default: every method run)."
+    )
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "images" / "glue_accuracy_vs_bytes.png")
     args = parser.parse_args()
     runs = load(args.results, args.budget)
+    if args.methods is not None:
+        runs = {(method, task): records for (method, task), records in runs.items() if method in args.methods}
     print(table(runs))
     plot(runs, args.plot)
     print(f"\nPlot: {args.plot}")
