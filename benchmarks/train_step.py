@@ -1,19 +1,24 @@
-"""Training-step cost of diff pruning vs full fine-tuning on the packaged MiniLM (CPU).
+"""Training-step cost of diff pruning vs full fine-tuning on CPU, for the packaged MiniLM or a randomly initialised
+BERT (tiny or BERT-base size).
 
-Each method runs in its own process so that peak memory (max RSS) is not polluted by another method's tensors.
-Step time is the median over timed steps after warm-up; all methods see the same batches.
+Each method runs in its own worker process, so that its peak memory (peak RSS while training) is its own; all
+workers see the same batches. The workers take turns, one step each per round (full, diff_pruning, ..., full,
+diff_pruning, ...), and a method's time ratio is the median over rounds of its step time over the reference's step
+time in the same round, so that load from other jobs on the machine cancels out. At most `--max_workers` workers (the
+reference included) are alive at once; longer method lists run in several groups, each with its own reference worker.
 
-    python benchmarks/train_step.py --batch_size 32 --seq_len 128 --steps 6 --output benchmarks/results/train_step.json
+    python benchmarks/train_step.py --model minilm --batch_size 32 --seq_len 128 --rounds 6 --warmup 2 --threads 1 \
+        --output benchmarks/results/train_step.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
 import math
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,28 +42,69 @@ METHODS = (
     "eval_base",
     "eval_diff_pruning",
 )
-#: PEFT's sparse methods at about the diff pruning budget: 0.5% of MiniLM's 22.7M parameters is ~114k entries.
-SUPERTUNING_SPARSITY = 0.989  # 1.1% of the 10.7M linear weights
-SHIRA_R = 8  # r * (in + out) entries per linear layer, ~111k in all
+#: PEFT's sparse methods at about the diff pruning budget: 0.5% of MiniLM's 22.7M parameters is 113,566 entries.
+SUPERTUNING_SPARSITY = 0.9895  # 1.05% of the 10.8M query, key, value and dense weights: 113,016 entries
+SHIRA_R = 12  # r * (in + out) entries per query and value layer: 110,592 entries, as LoRA r=12 on query and value
+#: Randomly initialised BERTs (BertConfig's defaults are BERT-base: 12 layers, 768 hidden, 3072 intermediate, 12 heads,
+#: vocabulary 30522); "minilm" is the packaged pretrained all-MiniLM-L6-v2 (6 layers, 384 hidden).
+RANDOM_BERTS = {
+    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 2},
+    "bert-base": {},
+}
+MODELS = ("tiny", "minilm", "bert-base")
 
 
-def rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    return float("nan")
+    raise KeyError(field)
 
 
-def build(method: str, model_path: str):
+def reset_peak_rss() -> None:
+    """Restart the peak RSS count (Linux), so that it covers training only: building the fixed-mask stage goes
+    through a dense stage-1 model, which on BERT-base takes more memory than training the sparse one."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def load_base(model: str) -> torch.nn.Module:
+    """A two-label classifier: `model` is one of MODELS or a model folder. Seeded, so every call returns the same
+    weights (the fixed-mask stage reloads the base under its adapter)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from peft_diffprune.hub import packaged_minilm_path
+
+    torch.manual_seed(0)
+    if model in RANDOM_BERTS:
+        return BertForSequenceClassification(BertConfig(num_labels=2, **RANDOM_BERTS[model]))
+    path = packaged_minilm_path() if model == "minilm" else model
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+@contextlib.contextmanager
+def float64_default():
+    """Work-around: peft_diffprune's base fingerprint (on projection and on load) picks its sample positions with a
+    float32 `torch.linspace`, whose last position rounds past the end of tensors above 2**24 entries (BERT-base's word
+    embedding) and raises IndexError; with a float64 default dtype the positions are exact. The adapter's own tensors
+    have explicit dtypes, and the base model is built outside."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build(method: str, model_name: str):
     from peft import LoraConfig, PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
 
     import peft_diffprune  # noqa: F401
     from peft_diffprune import DiffPruningConfig, param_groups, project_to_sparsity
 
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    model = load_base(model_name)
     if method in ("full", "eval_base"):
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
     if method == "dense_reference":
@@ -71,7 +117,7 @@ def build(method: str, model_path: str):
         "supertuning": SupertuningConfig(
             task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"], sparsity=SUPERTUNING_SPARSITY
         ),
-        "shira": ShiraConfig(task_type="SEQ_CLS", r=SHIRA_R, target_modules=["query", "key", "value", "dense"]),
+        "shira": ShiraConfig(task_type="SEQ_CLS", r=SHIRA_R, target_modules=["query", "value"]),
     }
     if method in peft_configs:
         model = get_peft_model(model, peft_configs[method])
@@ -83,14 +129,16 @@ def build(method: str, model_path: str):
     if method == "fixmask":
         # The fixed-mask stage trains the 0.5% kept entries only (random diffs stand in for a stage-1 result). It is
         # loaded from a saved sparse adapter, as a stage-2 job would, so that freed stage-1 memory is not counted.
-        project_to_sparsity(model, 0.005)
+        with float64_default():
+            project_to_sparsity(model, 0.005)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             del model
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed stage-1 memory back, as a fresh process would
-            base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-            model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+            base = load_base(model_name)
+            with float64_default():
+                model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
 
 
@@ -128,93 +176,153 @@ class DenseDiffPruning(torch.nn.Module):
         return outputs
 
 
-def run_one(args) -> dict:
-    from peft_diffprune.hub import packaged_minilm_path
-
-    torch.set_num_threads(args.threads)
-    model_path = args.model or packaged_minilm_path()
-    model, optimizer = build(args.method, model_path)
+def make_batches(vocab_size: int, batch_size: int, seq_len: int) -> list[dict]:
+    """Two fixed batches of random token ids and labels (the same for every method), used in turn."""
     generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    batches = [
+    return [
         {
-            "input_ids": torch.randint(1000, vocab, (args.batch_size, args.seq_len), generator=generator),
-            "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
-            "labels": torch.randint(0, 2, (args.batch_size,), generator=generator),
+            "input_ids": torch.randint(1000, vocab_size, (batch_size, seq_len), generator=generator),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch_size,), generator=generator),
         }
         for _ in range(2)
     ]
-    rss_before = rss_mib()
-    times = []
+
+
+def train_step(model, optimizer, batch: dict) -> None:
+    """One optimizer step, its phases labelled for torch.profiler (profile_step.py)."""
+    with torch.profiler.record_function("forward"):
+        loss = model(**batch).loss
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    with torch.profiler.record_function("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def worker(args) -> None:
+    """Build one method, then run one step per "step" line read from stdin and answer with its time; on "exit",
+    answer with the peak RSS. Every answer is one JSON line on stdout."""
+    torch.set_num_threads(args.threads)
+    model, optimizer = build(args.method, args.model)
+    batches = make_batches(model.config.vocab_size, args.batch_size, args.seq_len)
     evaluating = args.method.startswith("eval")
     model.train(not evaluating)
-    for step in range(args.warmup + args.steps):
+    rss_before = status_mib("VmRSS")
+    reset_peak_rss()
+    print(json.dumps({"rss_before_training_mib": rss_before}), flush=True)
+    for step, command in enumerate(sys.stdin):
+        if command.strip() == "exit":
+            break
         batch = batches[step % 2]
         start = time.perf_counter()
         if evaluating:
             with torch.no_grad():
                 model(**batch)
         else:
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "method": args.method,
-        "step_time_s": statistics.median(times),
-        "step_times_s": times,
-        "rss_before_training_mib": rss_before,
-        "peak_rss_mib": peak,
-        "peak_over_loaded_mib": peak - rss_before,
-    }
+            train_step(model, optimizer, batch)
+        print(json.dumps({"step_time_s": time.perf_counter() - start}), flush=True)
+    peak = status_mib("VmHWM")
+    print(json.dumps({"peak_rss_mib": peak, "peak_over_loaded_mib": peak - rss_before}), flush=True)
+
+
+class Worker:
+    """One method in its own process, driven over its stdin/stdout."""
+
+    def __init__(self, method: str, settings: dict):
+        cmd = [sys.executable, __file__, "--method", method, *[f"--{k}={v}" for k, v in settings.items()]]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self.ask(None)
+
+    def ask(self, command: str | None) -> dict:
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.process.args} died (exit code {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> dict:
+        answer = self.ask("exit")
+        self.process.wait()
+        return answer
+
+
+def groups(methods: list[str], max_workers: int) -> list[list[str]]:
+    """Split `methods` into groups of at most `max_workers`, each led by its reference (full fine-tuning for training
+    methods, the base model's forward for eval methods)."""
+    out = []
+    for reference in ("full", "eval_base"):
+        others = [m for m in methods if m != reference and m.startswith("eval") == reference.startswith("eval")]
+        if reference in methods and not others:
+            out.append([reference])
+        out += [[reference, *others[i : i + max_workers - 1]] for i in range(0, len(others), max_workers - 1)]
+    return out
+
+
+def measure(methods: list[str], settings: dict, rounds: int, warmup: int, max_workers: int = 5) -> dict:
+    """Step time and peak RSS of each method, and their ratios to the reference, measured in interleaved rounds."""
+    results = {}
+    for group in groups(methods, max_workers):
+        workers = {}
+        try:
+            for method in group:
+                workers[method] = Worker(method, settings)
+            times = {method: [] for method in group}
+            for _ in range(warmup + rounds):
+                for method, worker in workers.items():
+                    times[method].append(worker.ask("step")["step_time_s"])
+            peaks = {method: worker.close() for method, worker in workers.items()}
+        finally:
+            for worker in workers.values():
+                worker.process.kill()
+        reference = group[0]
+        for method in group:
+            if method in results:
+                continue
+            timed = times[method][warmup:]
+            ratios = [t / r for t, r in zip(timed, times[reference][warmup:], strict=True)]
+            results[method] = {
+                "step_time_s": statistics.median(timed),
+                "step_times_s": timed,
+                "time_ratio": statistics.median(ratios),
+                "time_ratios": ratios,
+                **workers[method].ready,
+                **peaks[method],
+                "peak_rss_ratio": peaks[method]["peak_rss_mib"] / peaks[reference]["peak_rss_mib"],
+                "peak_over_loaded_ratio": peaks[method]["peak_over_loaded_mib"]
+                / peaks[reference]["peak_over_loaded_mib"],
+            }
+            print(
+                f"{method:28s} {results[method]['step_time_s']:.3f} s  time x{results[method]['time_ratio']:.3f}  "
+                f"peak RSS x{results[method]['peak_rss_ratio']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=METHODS, help="run one method in this process (internal)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--model", default=None, help="model folder (default: the packaged MiniLM)")
+    parser.add_argument("--method", choices=METHODS, help="run one method as a worker (internal)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--model", default="minilm", help=f"one of {', '.join(MODELS)}, or a model folder")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max_workers", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     if args.method:
-        print(json.dumps(run_one(args)))
+        worker(args)
         return
-    results = {}
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--method", method] + [
-            f"--{k}={v}" for k in ("batch_size", "seq_len", "steps", "warmup", "threads") for v in [getattr(args, k)]
-        ]
-        if args.model:
-            cmd.append(f"--model={args.model}")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[method] = json.loads(out.strip().splitlines()[-1])
-        print(method, {k: round(v, 3) for k, v in results[method].items() if isinstance(v, float)}, flush=True)
-    for train_or_eval, reference in (("", "full"), ("eval_", "eval_base")):
-        if reference not in results:
-            continue
-        ref = results[reference]
-        for method, res in results.items():
-            if method.startswith("eval") != bool(train_or_eval):
-                continue
-            res["time_ratio"] = res["step_time_s"] / ref["step_time_s"]
-            res["peak_rss_ratio"] = res["peak_rss_mib"] / ref["peak_rss_mib"]
-            res["peak_over_loaded_ratio"] = res["peak_over_loaded_mib"] / ref["peak_over_loaded_mib"]
-    write_record(
-        args.output, {k: getattr(args, k) for k in ("batch_size", "seq_len", "steps", "warmup", "threads")}, results
-    )
-    for method, res in results.items():
-        if "time_ratio" in res:
-            print(
-                f"{method:28s} time x{res['time_ratio']:.3f}  peak RSS x{res['peak_rss_ratio']:.3f}  "
-                f"peak over loaded x{res['peak_over_loaded_ratio']:.3f}"
-            )
+    torch.set_num_threads(args.threads)
+    settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads")}
+    results = measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
+    write_record(args.output, {**settings, "rounds": args.rounds, "warmup": args.warmup}, results)
 
 
 if __name__ == "__main__":
