@@ -314,3 +314,17 @@ def test_other_loaders(loader, tmp_path):
     else:
         loaded = PeftModel.from_pretrained(MODEL_CASES["gpt2"].model(), tmp_path, low_cpu_mem_usage=True)
     torch.testing.assert_close(logits(loaded.eval(), batch), expected)
+
+
+def test_prefixes_do_not_shift_positions():
+    """Unlike prefixes passed as past_key_values, MAM's leave the real tokens' position ids alone: a sequence as
+    long as the model's position table still fits, and the first token's logits equal those of a hand-built run
+    with position ids 0..n-1."""
+    _, model = make_models("bert", {}, init_weights=False)
+    full_length = model.config.max_position_embeddings
+    input_ids = torch.randint(3, 100, (1, full_length), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(full_length).unsqueeze(0)
+    with torch.no_grad():
+        implicit = model(input_ids=input_ids).logits
+        explicit = model(input_ids=input_ids, position_ids=positions).logits
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
