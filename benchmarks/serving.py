@@ -1,170 +1,245 @@
-"""Serving cost of sparse diff pruning adapters on the packaged MiniLM, against PEFT's LoRA (CPU).
+"""Storage and serving cost of sparse diff pruning adapters on the packaged MiniLM, against PEFT's LoRA, SHiRA and
+Super-Tuning adapters with about the same number of trainable entries (CPU).
 
-Measures, for adapters with the same number of trainable entries (0.5% of the model; LoRA r=12 on query/value):
-bytes per kept entry against the information bound, adapter file size, adapter load time, merged task switch
-(unmerge one adapter, merge the next), unmerged switch (set_adapter) and the unmerged forward overhead.
+Storage: each adapter is saved and its file measured; diff pruning's bytes per kept entry are set against the
+information bound (log2 C(n, k) bits for the positions of k kept entries among n parameters, plus the value bits).
+Serving: adapter load time, merged task switch (unmerge one adapter, merge the next), unmerged task switch (set_adapter
+and the first forward) and the forward pass, against the base model and LoRA. The timed operations take turns, once
+each per round, and ratios are the median over rounds of the per-round ratio, so that load from other jobs on the
+machine cancels out.
 
-    python benchmarks/serving.py --output benchmarks/results/serving.json
+    python benchmarks/serving.py --threads 1 --output benchmarks/results/serving.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from _record import write_record
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
 from safetensors import safe_open
-from transformers import AutoModelForSequenceClassification
+from train_step import load_base
 
 import peft_diffprune  # noqa: F401
 from peft_diffprune import DiffPruningConfig, project_to_sparsity
-from peft_diffprune.hub import packaged_minilm_path
 
 
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
+#: Linear layers Super-Tuning picks entries from; LoRA and SHiRA adapt query and value only.
+SUPERTUNING_TARGETS = ["query", "key", "value", "dense"]
+
+
+def save(model, folder: Path, trainable: int) -> dict:
+    """Save `model`'s adapter to `folder`; its file size, and the bytes of the adapter tensors alone (the classifier
+    head, saved by every method alike, left out)."""
+    model.save_pretrained(folder)
+    path = folder / "adapter_model.safetensors"
+    tensor_bytes = 0
+    with safe_open(path, "pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            if "classifier" not in key:
+                tensor = handle.get_tensor(key)
+                tensor_bytes += tensor.numel() * tensor.element_size()
+    return {
+        "trainable_entries": trainable,
+        "adapter_tensor_bytes": tensor_bytes,
+        "bytes_per_entry": tensor_bytes / trainable,
+        "file_bytes": path.stat().st_size,
+    }
+
+
+def trainable_entries(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
+
+
+def make_adapters(folder: Path, density: float, lora_r: int, serving_copies: int) -> dict:
+    """Save one adapter of each kind (diff pruning with fp32 and fp16 values, LoRA, SHiRA, Super-Tuning) at about
+    `density` of the model, plus `serving_copies` fp16 diff pruning and LoRA adapters for the switching benchmarks
+    (`diff0`, `diff1`, ..., `lora0`, ...)."""
+    storage = {}
+    for i in range(serving_copies):
+        for values_dtype in ("float16", "float32") if i == 0 else ("float16",):
+            torch.manual_seed(100 + i)
+            config = DiffPruningConfig(task_type="SEQ_CLS", init_weights=False, values_dtype=values_dtype)
+            model = get_peft_model(load_base("minilm"), config)
+            report = project_to_sparsity(model, density)
+            name = f"diff{i}" if values_dtype == "float16" else "diff_fp32"
+            storage[f"diff_pruning_{values_dtype}"] = save(model, folder / name, report.kept)
+            storage[f"diff_pruning_{values_dtype}"]["total_parameters"] = report.total_parameters
+        torch.manual_seed(100 + i)
+        config = LoraConfig(task_type="SEQ_CLS", r=lora_r, target_modules=["query", "value"], init_lora_weights=False)
+        model = get_peft_model(load_base("minilm"), config)
+        storage["lora"] = save(model, folder / f"lora{i}", trainable_entries(model))
+    kept = storage["diff_pruning_float16"]["trainable_entries"]
+
+    config = ShiraConfig(task_type="SEQ_CLS", r=lora_r, target_modules=["query", "value"], init_weights=False)
+    model = get_peft_model(load_base("minilm"), config)
+    storage["shira"] = save(model, folder / "shira", trainable_entries(model))
+
+    base = load_base("minilm")
+    linear = sum(
+        m.weight.numel()
+        for n, m in base.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in SUPERTUNING_TARGETS
+    )
+    sparsity = 1 - kept / linear
+    config = SupertuningConfig(
+        task_type="SEQ_CLS", target_modules=SUPERTUNING_TARGETS, sparsity=sparsity, init_weights=False
+    )
+    model = get_peft_model(base, config)
+    storage["supertuning"] = save(model, folder / "supertuning", trainable_entries(model))
+    storage["supertuning"]["sparsity"] = sparsity
+
+    n = storage["diff_pruning_float16"]["total_parameters"]
+    log2_choose = (math.lgamma(n + 1) - math.lgamma(kept + 1) - math.lgamma(n - kept + 1)) / math.log(2)
+    storage["information_bound_positions_bytes_per_entry"] = log2_choose / 8 / kept
+    for values_dtype, value_bytes in (("float16", 2), ("float32", 4)):
+        bound = value_bytes + log2_choose / 8 / kept
+        storage[f"diff_pruning_{values_dtype}"]["information_bound_bytes_per_entry"] = bound
+        storage[f"diff_pruning_{values_dtype}"]["over_bound_bytes_per_entry"] = (
+            storage[f"diff_pruning_{values_dtype}"]["bytes_per_entry"] - bound
+        )
+    return storage
+
+
+def clocked(fn: Callable) -> Callable[[], float]:
+    def run() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return run
 
 
-def base_model(path: str):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+def in_rounds(operations: dict[str, Callable[[], float]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each operation once per round, in turn, for `warmup + rounds` rounds; each returns the seconds it took."""
+    times = {name: [] for name in operations}
+    for _ in range(warmup + rounds):
+        for name, operation in operations.items():
+            times[name].append(operation())
+    return {name: values[warmup:] for name, values in times.items()}
 
 
-def make_diff_adapters(path: str, folder: Path, count: int, density: float, values_dtype: str) -> dict:
-    info = {}
-    for i in range(count):
-        torch.manual_seed(100 + i)
-        model = get_peft_model(
-            base_model(path), DiffPruningConfig(task_type="SEQ_CLS", init_weights=False, values_dtype=values_dtype)
-        )
-        report = project_to_sparsity(model, density)
-        model.save_pretrained(folder / f"diff{i}")
-        info = {"kept": report.kept, "total_parameters": report.total_parameters}
-    return info
+def median_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    return statistics.median(t / r for t, r in zip(times[name], times[reference], strict=True))
 
 
-def make_lora_adapters(path: str, folder: Path, count: int, r: int) -> int:
-    for i in range(count):
-        torch.manual_seed(100 + i)
-        config = LoraConfig(task_type="SEQ_CLS", r=r, target_modules=["query", "value"], init_lora_weights=False)
-        model = get_peft_model(base_model(path), config)
-        model.save_pretrained(folder / f"lora{i}")
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+def load_time(adapter: Path) -> Callable[[], float]:
+    def run() -> float:
+        base = load_base("minilm")
+        start = time.perf_counter()
+        PeftModel.from_pretrained(base, adapter)
+        return time.perf_counter() - start
+
+    return run
 
 
-def file_bytes(adapter: Path) -> dict:
-    """Bytes of the adapter file, and of the sparse diff tensors alone (positions + values), as stored."""
-    total = (adapter / "adapter_model.safetensors").stat().st_size
-    diff = 0
-    with safe_open(adapter / "adapter_model.safetensors", "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-            if ".diff_pruning_state." in key or "lora_" in key:
-                tensor = handle.get_tensor(key)
-                diff += tensor.numel() * tensor.element_size()
-    return {"file_bytes": total, "adapter_tensor_bytes": diff}
+def load_all(folder: Path, prefix: str, count: int) -> tuple[PeftModel, list[str]]:
+    names = [f"{prefix}{i}" for i in range(count)]
+    model = PeftModel.from_pretrained(load_base("minilm"), folder / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(folder / name, adapter_name=name)
+    return model.eval(), names
 
 
-def load_all(path: str, folder: Path, prefix: str, count: int) -> tuple[PeftModel, float]:
-    model = base_model(path)
-    start = time.perf_counter()
-    model = PeftModel.from_pretrained(model, folder / f"{prefix}0", adapter_name=f"{prefix}0")
-    load_time = time.perf_counter() - start
-    for i in range(1, count):
-        model.load_adapter(folder / f"{prefix}{i}", adapter_name=f"{prefix}{i}")
-    return model.eval(), load_time
-
-
-def switch_merged(model: PeftModel, names: list[str]):
+def cycling(names: list[str], switch: Callable[[str], None]) -> Callable[[], None]:
+    """A callable that switches to the next adapter in `names` on every call."""
     state = {"i": 0}
-    model.base_model.set_adapter(names[0])
-    model.merge_adapter()
 
-    def step():
-        model.unmerge_adapter()
+    def step() -> None:
         state["i"] = (state["i"] + 1) % len(names)
-        model.base_model.set_adapter(names[state["i"]])
-        model.merge_adapter()
+        switch(names[state["i"]])
 
     return step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
     parser.add_argument("--density", type=float, default=0.005)
     parser.add_argument("--lora_r", type=int, default=12)
     parser.add_argument("--adapters", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/serving.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    path = args.model or packaged_minilm_path()
+    torch.set_num_threads(args.threads)
     batch = {"input_ids": torch.randint(1000, 30000, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=int)}
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for dtype in ("float32", "float16"):
-            info = make_diff_adapters(path, folder / dtype, 1, args.density, dtype)
-            sizes = file_bytes(folder / dtype / "diff0")
-            results[f"diff_pruning_{dtype}_storage"] = {
-                **info,
-                **sizes,
-                "bytes_per_kept_entry": sizes["adapter_tensor_bytes"] / info["kept"],
-            }
-        n, k = info["total_parameters"], info["kept"]
-        log2_choose = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
-        results["information_bound_fp16_bytes_per_entry"] = 2 + log2_choose / 8 / k
+        storage = make_adapters(folder, args.density, args.lora_r, args.adapters)
+        loads = in_rounds(
+            {
+                "base": clocked(lambda: load_base("minilm")),
+                "diff": load_time(folder / "diff0"),
+                "lora": load_time(folder / "lora0"),
+            },
+            args.rounds,
+        )
+        base = load_base("minilm").eval()
+        models = {prefix: load_all(folder, prefix, args.adapters) for prefix in ("diff", "lora")}
 
-        make_diff_adapters(path, folder, args.adapters, args.density, "float16")
-        lora_params = make_lora_adapters(path, folder, args.adapters, args.lora_r)
-        results["lora_storage"] = {"trainable": lora_params, **file_bytes(folder / "lora0")}
+    def switch_and_forward(model: PeftModel) -> Callable[[str], None]:
+        def switch(name: str) -> None:
+            model.base_model.set_adapter(name)
+            model(**batch)
 
-        base = base_model(path)
-        with torch.no_grad():
-            base_forward = timed(lambda: base(**batch), args.repeats)
-        results["base_forward_s"] = base_forward
-        for prefix in ("diff", "lora"):
-            model, load_time = load_all(path, folder, prefix, args.adapters)
-            names = [f"{prefix}{i}" for i in range(args.adapters)]
-            with torch.no_grad():
-                model.base_model.set_adapter(names[0])
-                unmerged_forward = timed(lambda m=model: m(**batch), args.repeats)
+        return switch
 
-                def set_next(m=model, names=names, state={"i": 0}):  # noqa: B006 (a counter kept between calls)
-                    state["i"] = (state["i"] + 1) % len(names)
-                    m.base_model.set_adapter(names[state["i"]])
-                    m(**batch)
+    def merged_switch(model: PeftModel) -> Callable[[str], None]:
+        def switch(name: str) -> None:
+            model.unmerge_adapter()
+            model.base_model.set_adapter(name)
+            model.merge_adapter()
 
-                unmerged_switch_and_forward = timed(set_next, args.repeats)
-                merged_switch = timed(switch_merged(model, names), args.repeats)
-                merged_forward = timed(lambda m=model: m(**batch), args.repeats)
-                model.unmerge_adapter()
-            results[prefix] = {
-                "load_time_s": load_time,
-                "merged_switch_s": merged_switch,
-                "unmerged_forward_s": unmerged_forward,
-                "unmerged_forward_ratio_to_base": unmerged_forward / base_forward,
-                "unmerged_switch_plus_forward_s": unmerged_switch_and_forward,
-                "merged_forward_ratio_to_base": merged_forward / base_forward,
-            }
-    results["merged_switch_ratio_diff_to_lora"] = (
-        results["diff"]["merged_switch_s"] / results["lora"]["merged_switch_s"]
-    )
-    write_record(args.output, vars(args), results)
-    print(json.dumps(results, indent=2))
+        return switch
+
+    with torch.no_grad():
+        unmerged = in_rounds(
+            {
+                "base": clocked(lambda: base(**batch)),
+                **{p: clocked(lambda m=m: m(**batch)) for p, (m, _) in models.items()},
+                **{f"{p}_switch": clocked(cycling(names, switch_and_forward(m))) for p, (m, names) in models.items()},
+            },
+            args.rounds,
+        )
+        for model, names in models.values():
+            model.base_model.set_adapter(names[0])
+            model.merge_adapter()
+        merged = in_rounds(
+            {
+                "base": clocked(lambda: base(**batch)),
+                **{p: clocked(lambda m=m: m(**batch)) for p, (m, _) in models.items()},
+                **{f"{p}_switch": clocked(cycling(names, merged_switch(m))) for p, (m, names) in models.items()},
+            },
+            args.rounds,
+        )
+
+    serving = {"base_load_s": statistics.median(loads["base"]), "base_forward_s": statistics.median(unmerged["base"])}
+    for prefix in models:
+        serving[prefix] = {
+            "load_s": statistics.median(loads[prefix]),
+            "load_ratio_to_base_load": median_ratio(loads, prefix, "base"),
+            "unmerged_forward_s": statistics.median(unmerged[prefix]),
+            "unmerged_forward_ratio_to_base": median_ratio(unmerged, prefix, "base"),
+            "unmerged_switch_plus_forward_s": statistics.median(unmerged[f"{prefix}_switch"]),
+            "unmerged_switch_plus_forward_ratio_to_base_forward": median_ratio(unmerged, f"{prefix}_switch", "base"),
+            "merged_switch_s": statistics.median(merged[f"{prefix}_switch"]),
+            "merged_forward_ratio_to_base": median_ratio(merged, prefix, "base"),
+        }
+    serving["diff_to_lora"] = {
+        "load": median_ratio(loads, "diff", "lora"),
+        "unmerged_forward": median_ratio(unmerged, "diff", "lora"),
+        "unmerged_switch_plus_forward": median_ratio(unmerged, "diff_switch", "lora_switch"),
+        "merged_switch": median_ratio(merged, "diff_switch", "lora_switch"),
+    }
+    record = write_record(args.output, vars(args), {"storage": storage, "serving": serving})
+    print(record["results"])
 
 
 if __name__ == "__main__":
