@@ -1,6 +1,7 @@
-"""Where the time of one training step goes: torch.profiler over a few steps of each method, one method after the
-other in this process, as time per step in the forward, backward and optimizer phases and per operator (self CPU
-time), with each operator's difference to full fine-tuning.
+"""Where the time of one training step goes: torch.profiler over a few steps of each method, as time per step in the
+forward, backward and optimizer phases and per operator (self CPU time), with each operator's difference to full
+fine-tuning. All methods are built in this process and profiled one step each in turn, round after round, so that
+load from other jobs on the machine falls on all of them alike.
 
     python benchmarks/profile_step.py --methods full diff_pruning diff_pruning_structured \
         --output benchmarks/results/profile_step.json
@@ -9,7 +10,7 @@ time), with each operator's difference to full fine-tuning.
 from __future__ import annotations
 
 import argparse
-import gc
+from collections import Counter
 
 import torch
 from _record import write_record
@@ -20,21 +21,27 @@ from train_step import METHODS, build, make_batches, train_step
 PHASES = ("forward", "backward", "optimizer")
 
 
-def profile_method(method: str, args) -> dict:
-    model, optimizer = build(method, args.model)
-    model.train()
-    batches = make_batches(model.config.vocab_size, args.batch_size, args.seq_len)
-    for step in range(args.warmup):
-        train_step(model, optimizer, batches[step % 2])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for step in range(args.steps):
-            train_step(model, optimizer, batches[step % 2])
-    events = prof.key_averages()
-    per_step_ms = {e.key: e.self_cpu_time_total / 1e3 / args.steps for e in events if e.key not in PHASES}
-    return {
-        "phases_ms": {e.key: e.cpu_time_total / 1e3 / args.steps for e in events if e.key in PHASES},
-        "self_cpu_ms": dict(sorted(per_step_ms.items(), key=lambda item: -item[1])),
-    }
+def profile_in_rounds(args) -> dict:
+    """Per method: milliseconds per step of each phase and of each operator's self CPU time."""
+    runs = {}
+    for method in args.methods:
+        model, optimizer = build(method, args.model)
+        model.train()
+        runs[method] = (model, optimizer, make_batches(model.config.vocab_size, args.batch_size, args.seq_len))
+        for step in range(args.warmup):
+            train_step(model, optimizer, runs[method][2][step % 2])
+    phases = {method: Counter() for method in args.methods}
+    ops = {method: Counter() for method in args.methods}
+    for step in range(args.steps):
+        for method, (model, optimizer, batches) in runs.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step(model, optimizer, batches[step % 2])
+            for event in prof.key_averages():
+                if event.key in PHASES:
+                    phases[method][event.key] += event.cpu_time_total / 1e3 / args.steps
+                else:
+                    ops[method][event.key] += event.self_cpu_time_total / 1e3 / args.steps
+    return {method: {"phases_ms": dict(phases[method]), "self_cpu_ms": ops[method]} for method in args.methods}
 
 
 def main() -> None:
@@ -43,25 +50,22 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
     if not set(args.methods) <= set(METHODS) or args.methods[0] != "full":
         raise ValueError(f"--methods must start with 'full' and be among {METHODS}, got {args.methods}")
     torch.set_num_threads(args.threads)
-    results = {}
-    for method in args.methods:
-        results[method] = profile_method(method, args)
-        gc.collect()
+    results = profile_in_rounds(args)
     full = results["full"]["self_cpu_ms"]
     for method, res in results.items():
         ops = res["self_cpu_ms"]
-        extra = {op: ops.get(op, 0.0) - full.get(op, 0.0) for op in ops.keys() | full.keys()}
+        extra = {op: ops[op] - full[op] for op in ops.keys() | full.keys()}
         res["extra_over_full_ms"] = dict(sorted(extra.items(), key=lambda item: -abs(item[1]))[: args.top])
-        res["self_cpu_ms"] = dict(list(ops.items())[: args.top])
+        res["self_cpu_ms"] = dict(ops.most_common(args.top))
         phases = ", ".join(f"{phase} {ms:.0f}" for phase, ms in res["phases_ms"].items())
         print(f"\n{method}: ms per step: {phases}")
         for op, ms in res["extra_over_full_ms"].items():
