@@ -34,5 +34,10 @@ glue: install
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		examples/glue.py --task_name rte --output_dir outputs/rte
 
+# Speed, memory, storage and serving tables of docs/benchmarks.md (about 45 minutes on 2 cores; one process at a time).
 bench: install
 	$(PY) benchmarks/train_step.py --output benchmarks/results/train_step.json
+	$(PY) benchmarks/scaling.py --output benchmarks/results/scaling.json --plot docs/images/scaling.png
+	$(PY) benchmarks/serving.py --output benchmarks/results/serving.json
+	$(PY) benchmarks/profile_step.py --output benchmarks/results/profile_step.json
+	$(PY) benchmarks/report.py
