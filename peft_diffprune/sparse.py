@@ -151,7 +151,9 @@ def _fingerprint_parts(tuner: DiffPruningModel, tensor_names: list[str]) -> tupl
             module = module.get_base_layer()
         flat = getattr(module, param_name).detach().reshape(-1)
         structure.update(f"{key}|{flat.numel()}|".encode())
-        positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES).long().to(flat.device)
+        # float64: float32 positions run past the end of tensors with more than 2^24 entries
+        positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).long()
+        positions = positions.to(flat.device)
         samples.append(flat[positions].cpu())
     return structure.hexdigest()[:32], samples
 

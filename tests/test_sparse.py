@@ -25,6 +25,7 @@ from _sparse_helpers import (
     tiny_bert,
 )
 from peft import PeftModel, get_peft_model
+from torch import nn
 
 from peft_diffprune import (
     DiffPruningConfig,
@@ -586,3 +587,16 @@ class TestMerge:
         # the base weights now hold adapter a: another adapter's positions would be applied to the wrong weights
         with pytest.raises(ValueError, match="fingerprint"):
             loaded.load_adapter(tmp_path / "a", adapter_name="again")
+
+
+def test_fingerprint_of_a_tensor_beyond_float32_positions(tmp_path):
+    """BERT-base's word embedding has more than 2^24 entries, where float32 sample positions overflow the tensor."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Embedding(2**24 // 16 + 1, 16), nn.Linear(16, 2))
+    model = get_peft_model(base, DiffPruningConfig(target_modules=["0"], init_weights=False))
+    project_to_sparsity(model, target_sparsity=1e-4)
+    fingerprint = model.peft_config["default"].base_fingerprint
+    assert fingerprint.startswith("v1:")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert loaded.peft_config["default"].base_fingerprint == fingerprint
