@@ -14,7 +14,6 @@ reference included) are alive at once; longer method lists run in several groups
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import json
@@ -84,20 +83,6 @@ def load_base(model: str) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
-@contextlib.contextmanager
-def float64_default():
-    """Work-around: peft_diffprune's base fingerprint (on projection and on load) picks its sample positions with a
-    float32 `torch.linspace`, whose last position rounds past the end of tensors above 2**24 entries (BERT-base's word
-    embedding) and raises IndexError; with a float64 default dtype the positions are exact. The adapter's own tensors
-    have explicit dtypes, and the base model is built outside."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build(method: str, model_name: str):
     from peft import LoraConfig, PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
 
@@ -129,16 +114,14 @@ def build(method: str, model_name: str):
     if method == "fixmask":
         # The fixed-mask stage trains the 0.5% kept entries only (random diffs stand in for a stage-1 result). It is
         # loaded from a saved sparse adapter, as a stage-2 job would, so that freed stage-1 memory is not counted.
-        with float64_default():
-            project_to_sparsity(model, 0.005)
+        project_to_sparsity(model, 0.005)
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             del model
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed stage-1 memory back, as a fresh process would
             base = load_base(model_name)
-            with float64_default():
-                model = PeftModel.from_pretrained(base, folder, is_trainable=True)
+            model = PeftModel.from_pretrained(base, folder, is_trainable=True)
     return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
 
 
