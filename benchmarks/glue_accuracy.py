@@ -22,6 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _record import git_commit
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "glue.py"
@@ -122,9 +124,7 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
     stages = summary["stages"]
     return {
         "command": " ".join(["python", str(SCRIPT.relative_to(REPO_ROOT)), *command[2:]]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO_ROOT
-        ).stdout.strip(),
+        "commit": git_commit(REPO_ROOT),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {threads} torch thread(s)",
         "budget": args.budget,
