@@ -6,6 +6,7 @@ nothing is downloaded and train-mode outputs are deterministic apart from the sa
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,3 +208,18 @@ MODEL_CASES = {
         ModelCase("vit", _vit, "SEQ_CLS", _image_batch, ("classifier",), ("patch_embeddings.projection", "query")),
     )
 }
+
+
+def adapted_models(model_name: str, config) -> tuple[nn.Module, nn.Module]:
+    """A reference copy of a tiny base model and the PEFT model `config` makes of it, both in eval mode."""
+    from peft import get_peft_model
+
+    base = MODEL_CASES[model_name].model()
+    reference = copy.deepcopy(base)
+    return reference.eval(), get_peft_model(base, config).eval()
+
+
+def no_grad_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # labels stay in the batch: T5 builds its decoder inputs from them
+    with torch.no_grad():
+        return model(**batch).logits

@@ -7,7 +7,6 @@ reparameterisation, loading in a fresh process.
 
 from __future__ import annotations
 
-import copy
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import MODEL_CASES, REPO_ROOT
+from conftest import MODEL_CASES, REPO_ROOT, adapted_models, no_grad_logits
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -64,15 +63,10 @@ def make_config(model_name: str, adapter_kwargs: dict, **overrides) -> MAMConfig
 
 
 def make_models(model_name: str, adapter_kwargs: dict, **overrides) -> tuple[nn.Module, PeftModel]:
-    base = MODEL_CASES[model_name].model()
-    reference = copy.deepcopy(base)
-    model = get_peft_model(base, make_config(model_name, adapter_kwargs, **overrides))
-    return reference.eval(), model.eval()
+    return adapted_models(model_name, make_config(model_name, adapter_kwargs, **overrides))
 
 
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
+logits = no_grad_logits
 
 
 def prefix_layers(model: nn.Module) -> dict[str, PrefixAttention]:

@@ -7,7 +7,6 @@ refusal, unload and a save/load round trip.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -16,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import MODEL_CASES, REPO_ROOT
+from conftest import MODEL_CASES, REPO_ROOT, adapted_models, no_grad_logits
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -61,16 +60,10 @@ def make_config(model_name: str, adapter_kwargs: dict, **overrides) -> ParallelA
 
 
 def make_models(model_name: str, adapter_kwargs: dict, **overrides) -> tuple[nn.Module, PeftModel]:
-    base = MODEL_CASES[model_name].model()
-    reference = copy.deepcopy(base)
-    model = get_peft_model(base, make_config(model_name, adapter_kwargs, **overrides))
-    return reference.eval(), model.eval()
+    return adapted_models(model_name, make_config(model_name, adapter_kwargs, **overrides))
 
 
-def logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # labels stay in: T5 builds its decoder inputs from them
-    with torch.no_grad():
-        return model(**batch).logits
+logits = no_grad_logits
 
 
 def adapter_layers(model: nn.Module) -> dict[str, ParallelAdapterLayer]:
