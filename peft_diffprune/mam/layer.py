@@ -120,16 +120,12 @@ class MAMLayer(BaseTunerLayer):
 
 class MAMOutputAdapter(OutputAdapter, MAMLayer):
     adapter_layer_names = ("mam_down", "mam_up", "mam_scale")
-
-    def __repr__(self) -> str:
-        return "mam." + nn.Module.__repr__(self)
+    repr_prefix = "mam."
 
 
 class MAMResidualInputAdapter(ResidualInputAdapter, MAMLayer):
     adapter_layer_names = ("mam_down", "mam_up", "mam_scale")
-
-    def __repr__(self) -> str:
-        return "mam." + nn.Module.__repr__(self)
+    repr_prefix = "mam."
 
 
 class PrefixTrunk(nn.Module):

@@ -145,14 +145,24 @@ def hidden_size_of(module: nn.Module) -> int:
     return first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
 
 
-class OutputAdapter(nn.Module, ParallelAdapterLayer):
-    """Wraps a sub-layer `h = f(x, ...)`: returns `h + s * delta_h(x)` (on the first element if `f` returns a tuple)."""
+class SublayerAdapter(nn.Module, ParallelAdapterLayer):
+    """A wrapped sub-layer module with its parallel adapters; subclasses say how the adapter output is added."""
+
+    #: What `repr` puts in front of the wrapped module, as PEFT's tuner layers do ("lora.Linear").
+    repr_prefix = "parallel_adapter."
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: ParallelAdapterConfig) -> None:
         super().__init__()
         ParallelAdapterLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+
+    def __repr__(self) -> str:
+        return self.repr_prefix + super().__repr__()
+
+
+class OutputAdapter(SublayerAdapter):
+    """Wraps a sub-layer `h = f(x, ...)`: returns `h + s * delta_h(x)` (on the first element if `f` returns a tuple)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
@@ -164,24 +174,12 @@ class OutputAdapter(nn.Module, ParallelAdapterLayer):
             return (out[0] + delta, *out[1:])
         return out + delta
 
-    def __repr__(self) -> str:
-        return "parallel_adapter." + super().__repr__()
 
-
-class ResidualInputAdapter(nn.Module, ParallelAdapterLayer):
+class ResidualInputAdapter(SublayerAdapter):
     """Wraps a BERT-style output module `f(hidden_states, input_tensor)`: `input_tensor += s * delta_h(input_tensor)`."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ParallelAdapterConfig) -> None:
-        super().__init__()
-        ParallelAdapterLayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         delta = self.adapter_delta(input_tensor)
         if delta is not None:
             input_tensor = input_tensor + delta
         return self.base_layer(hidden_states, input_tensor, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "parallel_adapter." + super().__repr__()
