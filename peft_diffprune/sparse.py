@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +13,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import DiffPruningConfig
-from .gates import deterministic_gate, prob_gate_zero
+from .gates import deterministic_gate
 from .layer import DiffPruningLayer, DiffState
 from .model import DiffPruningModel
 from .training import get_tuner
@@ -101,20 +100,6 @@ def _effective_diff(state: DiffState, name: str, base: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def _fill_scores(state: DiffState, name: str, base: torch.Tensor) -> torch.Tensor:
-    """How promising each entry whose diff is 0 under the deterministic gate is: `P(z != 0) * |w|` (times the group
-    gate's `P(z != 0)` when structured), flat. A sparse state has nothing to offer beyond its kept entries: zeros."""
-    if state.is_sparse(name):
-        return torch.zeros(base.numel(), device=base.device)
-    diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
-    scores = (1 - prob_gate_zero(alpha, state.stretch)) * diff.abs()
-    group_alpha = getattr(state, f"{name}_group_alpha", None)
-    if group_alpha is not None:
-        scores = scores * (1 - prob_gate_zero(group_alpha, state.stretch))
-    return scores.reshape(-1).float()
-
-
-@torch.no_grad()
 def sparsity_report(model: nn.Module, adapter_name: str | None = None) -> SparsityReport:
     """Per targeted tensor and in total: parameters, kept entries, non-zeros and density of an adapter's diff.
 
@@ -139,18 +124,8 @@ def _open_gates(state: DiffState, name: str) -> int:
     return int(gate.count_nonzero())
 
 
-def _top_positions(magnitudes: torch.Tensor, k: int, fill: torch.Tensor | None = None) -> torch.Tensor:
-    """Sorted flat positions of the `k` largest entries; ties at the threshold go to the lowest positions.
-
-    With `fill`, a budget larger than the non-zero entries keeps all of them and takes the rest from the zero entries
-    with the largest `fill` scores (ties again to the lowest positions).
-    """
-    if fill is not None:
-        nonzero = magnitudes != 0
-        missing = k - int(nonzero.sum())
-        if missing > 0:
-            scores = fill.masked_fill(nonzero, -math.inf)
-            return torch.cat([nonzero.nonzero().squeeze(1), _top_positions(scores, missing)]).sort().values
+def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat positions of the `k` largest entries; ties at the threshold go to the lowest positions."""
     if k >= magnitudes.numel():
         return torch.arange(magnitudes.numel(), device=magnitudes.device)
     if k == 0:
@@ -224,10 +199,7 @@ def project_to_sparsity(
     Exactly `round(target_sparsity * N)` entries are kept, `N` being the base model's parameter count outside
     `modules_to_save`. `scope="global"` ranks all tensors together with one threshold (the paper);
     `"per_module"` keeps `round(target_sparsity * numel)` entries of each tensor. Ties at the threshold go to the
-    lowest flat positions (in module order), so the result is deterministic. When fewer entries than that are
-    non-zero (the gates closed below the target), all of them are kept and the rest of the budget goes to the closed
-    entries most likely to open, by `P(z != 0) * |w|`, so that the fixed-mask stage trains promising positions rather
-    than the first ones in module order. Afterwards each layer holds only the
+    lowest flat positions (in module order), so the result is deterministic. Afterwards each layer holds only the
     kept positions and values (no gates, no penalty); tensors with nothing kept carry no adapter state. Create the
     optimizer after projecting: the trainable parameters are new.
 
@@ -252,17 +224,13 @@ def project_to_sparsity(
     if scope == "global":
         budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
         magnitudes = torch.cat([d.abs().cpu() for d in diffs])
-        fill = torch.cat([_fill_scores(state, name, base).cpu() for _, _, state, name, base in entries])
-        selected = _top_positions(magnitudes, budget, fill)
-        del magnitudes, fill
+        selected = _top_positions(magnitudes, budget)
+        del magnitudes
         offsets = torch.tensor([0] + [d.numel() for d in diffs]).cumsum(0)
         bounds = torch.searchsorted(selected, offsets)
         positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
     else:
-        positions = [
-            _top_positions(d.abs().cpu(), round(target_sparsity * d.numel()), _fill_scores(state, name, base).cpu())
-            for d, (_, _, state, name, base) in zip(diffs, entries, strict=True)
-        ]
+        positions = [_top_positions(d.abs().cpu(), round(target_sparsity * d.numel())) for d in diffs]
 
     kept_pattern = {}
     new_states: dict[str, DiffState] = {}

@@ -184,57 +184,6 @@ class TestProjection:
         for key, count in expected_counts.items():
             assert kept[key] == reference_top_k({key: diffs[key]}, count)[key], key
 
-    @pytest.mark.parametrize("scope", ["global", "per_module"])
-    def test_a_budget_beyond_the_open_gates_goes_to_the_closed_entries_most_likely_to_open(self, scope):
-        # 2% of the gates open, a 10% budget: every open entry is kept, the rest of the budget goes to the closed
-        # entries by P(z != 0) * |w| = sigmoid(alpha) * |w| (paper stretch), not to the first positions
-        model = gated_model()
-        generator = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("_alpha"):
-                    closed = torch.rand(param.shape, generator=generator) * 4 - 6  # alpha in [-6, -2]: z = 0
-                    param.copy_(torch.where(torch.rand(param.shape, generator=generator) < 0.02, 4.0, closed))
-        diffs = dense_gated_diffs(model)
-        # the fill score of every closed entry; 0 at the open ones, which rank last in reference_top_k
-        scores = {}
-        for module, layer in diff_layers(model).items():
-            state = layer.diff_pruning_state["default"]
-            for name in state.tensor_names:
-                alpha, diff = getattr(state, f"{name}_alpha").detach(), getattr(state, f"{name}_diff").detach()
-                key = f"{module}.{name}"
-                scores[key] = torch.where(diffs[key] != 0, 0.0, torch.sigmoid(alpha) * diff.abs())
-        budget_fraction = 0.1
-        if scope == "global":
-            open_count = sum(int((d != 0).sum()) for d in diffs.values())
-            budget = round(budget_fraction * base_parameter_count(tiny_bert(0)))
-            assert 0 < open_count < budget
-            ranked = reference_top_k(scores, budget - open_count)
-            expected = {
-                key: sorted(
-                    set(ranked.get(key, [])) | set((diffs[key].reshape(-1) != 0).nonzero().squeeze(1).tolist())
-                )
-                for key in diffs
-            }
-        else:
-            expected = {}
-            for key, diff in diffs.items():
-                count = round(budget_fraction * diff.numel())
-                nonzero = set((diff.reshape(-1) != 0).nonzero().squeeze(1).tolist())
-                if count <= len(nonzero):
-                    expected[key] = reference_top_k({key: diff}, count).get(key, [])
-                    continue
-                filled = reference_top_k({key: scores[key]}, count - len(nonzero)).get(key, [])
-                expected[key] = sorted(nonzero | set(filled))
-
-        project_to_sparsity(model, budget_fraction, scope=scope)
-
-        kept = kept_positions(model)
-        assert kept == {key: positions for key, positions in expected.items() if positions}
-        entries = sparse_entries(model)
-        for key, (positions, values) in entries.items():
-            assert torch.equal(values, diffs[key].reshape(-1)[positions]), key  # the filled entries start at 0
-
     def test_structured_group_gate_multiplies_the_diff(self):
         model = gated_model(random_alpha=True, structured=True)
         layers = diff_layers(model)
