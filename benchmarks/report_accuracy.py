@@ -38,6 +38,10 @@ METHOD_NAMES = {
     "mam": "MAM (prefix 16 + PA r=16)",
     "diff_pruning_attn": "diff pruning 0.5%, attention only",
     "diff_pruning_ffn": "diff pruning 0.5%, FFN only",
+    "diff_pruning_paper_lambda": "diff pruning 0.5%, paper's l0_lambda 1.25e-7",
+    "structured_paper_lambda": "structured diff pruning 0.5%, paper's l0_lambda",
+    "diff_pruning_attn_paper_lambda": "diff pruning 0.5%, attention only, paper's l0_lambda",
+    "diff_pruning_ffn_paper_lambda": "diff pruning 0.5%, FFN only, paper's l0_lambda",
 }
 
 
