@@ -81,7 +81,7 @@ METHODS.update(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="Default: every task of the budget.")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--budget", choices=list(BUDGETS), default="cpu", help="Training budget per task (BUDGETS).")
@@ -152,6 +152,10 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
 
 def main() -> None:
     args = parse_args()
+    args.tasks = args.tasks or list(BUDGETS[args.budget])
+    missing = [task for task in args.tasks if task not in BUDGETS[args.budget]]
+    if missing:
+        raise SystemExit(f"Budget {args.budget!r} has no {missing}: it covers {list(BUDGETS[args.budget])}.")
     done = finished_runs(args.output)
     queue = [
         (task, method, seed)
