@@ -269,12 +269,12 @@ class DiffPruningLayer(BaseTunerLayer):
                 flat = base_params[name].data.view(-1)
                 positions, values = state.sparse_delta(name, flat.numel())
                 original = flat.index_select(0, positions)
-                merged = original + values.to(flat.dtype)
-                if safe_merge and not torch.isfinite(merged).all():
+                if safe_merge and not torch.isfinite(original + values.to(flat.dtype)).all():
                     raise ValueError(
                         f"NaNs or infs in the merged {name} of adapter {adapter_name!r}: the adapter seems broken."
                     )
-                flat.scatter_(0, positions, merged)
+                # positions are unique: one rounding per entry, as original + values would give
+                flat.index_add_(0, positions, values.to(flat.dtype))
                 backup[name] = (positions, original)
             self._merge_backup[adapter_name] = backup
             self.merged_adapters.append(adapter_name)

@@ -578,6 +578,32 @@ class TestMerge:
         with torch.no_grad(), model.disable_adapter():
             torch.testing.assert_close(logits(model), logits(tiny_bert(0)), rtol=0, atol=1e-6)
 
+    @pytest.mark.parametrize("hooked", [False, True])
+    def test_merge_skips_peft_onload_walk_unless_a_module_has_an_accelerate_hook(self, hooked, monkeypatch):
+        # the fast path (no onload_layer per wrapped module) must merge exactly as PEFT's path does
+        from accelerate.hooks import ModelHook, add_hook_to_module
+        from peft.tuners import tuners_utils
+
+        model = gated_model(seed=1)
+        project_to_sparsity(model, 0.05)
+        reference = copy.deepcopy(model)
+        tuners_utils.BaseTuner.merge_adapter(reference.base_model)
+        onloaded = []
+        real_onload = tuners_utils.onload_layer
+        monkeypatch.setattr(tuners_utils, "onload_layer", lambda layer: onloaded.append(layer) or real_onload(layer))
+        if hooked:
+            add_hook_to_module(model.base_model.model.bert.pooler, ModelHook())
+        base_state = normalized_base_state(model)
+
+        model.merge_adapter()
+
+        assert bool(onloaded) == hooked
+        for key, value in normalized_base_state(model).items():
+            assert torch.equal(value, normalized_base_state(reference)[key]), key
+        model.unmerge_adapter()
+        for key, value in normalized_base_state(model).items():
+            assert torch.equal(value, base_state[key]), key
+
     def test_loading_onto_a_merged_model_is_refused(self, tmp_path):
         model = gated_model(seed=1)
         project_to_sparsity(model, 0.05)
