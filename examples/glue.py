@@ -208,8 +208,8 @@ def parse_args():
         "--l0_lambda",
         type=float,
         default=1.25e-5,
-        help="Weight of the expected-L0 penalty. The paper's 1.25e-7 suits its ~25k steps; in a few hundred steps it "
-        "leaves most gates open (docs/training.md), so the default is 100x that.",
+        help="Weight of the expected-L0 penalty. The paper's 1.25e-7 suits runs of thousands of steps; in a few "
+        "hundred it leaves most gates open (docs/training.md), so the default is 100x that.",
     )
     parser.add_argument("--structured", action="store_true", help="Structured diff pruning: one gate per tensor.")
     parser.add_argument(

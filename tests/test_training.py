@@ -51,7 +51,7 @@ class TestParamGroups:
 
 
 class TestPenaltyWeight:
-    """Why examples/glue.py defaults to l0_lambda 1.25e-5 rather than the paper's 1.25e-7 (docs/training.md)."""
+    """Why examples/glue.py, with runs of a few hundred steps, defaults to l0_lambda 1.25e-5 (docs/training.md)."""
 
     def test_the_paper_lambda_leaves_half_the_gates_open_after_200_steps(self):
         # its gradient on a gate logit, 1.25e-7 * sigmoid'(5) = 8e-10, is under AdamW's eps of 1e-8: the logits
