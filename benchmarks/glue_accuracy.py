@@ -70,6 +70,13 @@ METHODS = {
     "diff_pruning_attn": ["--method", "diff_pruning", "--diff_placement", "attn"],
     "diff_pruning_ffn": ["--method", "diff_pruning", "--diff_placement", "ffn"],
 }
+# the density sweep of structured diff pruning (issue 5; the paper's 0.1/0.25/0.5/1%, 0.5% being "structured")
+METHODS.update(
+    {
+        f"structured_{density}": [*METHODS["structured"], "--target_sparsity", density]
+        for density in ("0.001", "0.0025", "0.01")
+    }
+)
 # The example's default l0_lambda was the paper's 1.25e-7 before it became 1.25e-5 (docs/training.md says why): the
 # runs made with it keep their results under these names, their records renamed from the plain method names.
 PAPER_LAMBDA = ["--l0_lambda", "1.25e-7"]
