@@ -99,8 +99,9 @@ def table(runs: dict[tuple[str, str], list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
-    """Average score over the common tasks against the stored bytes of the task's weights, one point per method."""
+def plot(runs: dict[tuple[str, str], list[dict]], path: Path, title: str) -> None:
+    """Score against the stored bytes of the task's weights: one panel per task (and one for the average over the
+    tasks every method has, when there are several), one marker per method, the same across panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,22 +109,39 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path) -> None:
 
     methods, tasks, cells = summarize(runs)
     common = [t for t in tasks if all((m, t) in cells for m in methods)]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in methods:
-        stored = statistics.median(r["stored_bytes"] for (m, _), rs in runs.items() if m == method for r in rs)
-        average = statistics.mean(cells[method, t][0] for t in common)
-        ax.scatter(stored, average)
-        ax.annotate(METHOD_NAMES[method], (stored, average), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    # room for the labels of the rightmost points
-    ax.margins(x=0.25)
-    ax.set_xlabel("stored bytes per task (weights file)")
-    ax.set_ylabel(f"mean dev score x 100 ({', '.join(common)})")
-    ax.set_title("Packaged MiniLM, GLUE dev, CPU budget")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    panels = [*tasks, "average"] if len(tasks) > 1 and common else tasks
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows + 1.2), squeeze=False)
+    markers = "osD^v<>pPX*h"
+    for index, panel in enumerate(panels):
+        ax = axes.flat[index]
+        for number, method in enumerate(methods):
+            records = [r for (m, t), rs in runs.items() if m == method and panel in (t, "average") for r in rs]
+            if panel == "average":
+                value = statistics.mean(cells[method, t][0] for t in common)
+            elif (method, panel) in cells:
+                value = cells[method, panel][0]
+            else:
+                continue
+            stored = statistics.median(r["stored_bytes"] for r in records)
+            style = {"marker": markers[number % len(markers)], "color": f"C{number % 10}"}
+            ax.scatter(stored, value, label=METHOD_NAMES[method], **style)
+        ax.set_xscale("log")
+        ax.set_title(TASK_NAMES.get(panel, f"average ({', '.join(common)})"), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xlabel("stored bytes per task", fontsize=8)
+        ax.set_ylabel("dev score x 100", fontsize=8)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        handles.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)})
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(3, len(handles)), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(handles) // 3), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -140,7 +158,7 @@ def main() -> None:
     if args.methods is not None:
         runs = {(method, task): records for (method, task), records in runs.items() if method in args.methods}
     print(table(runs))
-    plot(runs, args.plot)
+    plot(runs, args.plot, f"Packaged MiniLM, GLUE dev, budget {args.budget!r}")
     print(f"\nPlot: {args.plot}")
 
 
