@@ -190,10 +190,18 @@ def test_diff_pruning_one_process(runs, tiny_model, eval_batch):
 
     log = (output_dir / "stdout.txt").read_text()
     assert "gated step 2/5: task_loss" in log and "expected_density" in log and "l0_term" in log
+    assert results["args"]["l0_lambda"] == 1.25e-5  # the example's default for short runs (docs/training.md)
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     assert sum(adapter_config["kept_pattern"].values()) == results["kept"]
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+def test_structured_diff_pruning_defaults_to_the_paper_lambda(runs):
+    # a group gate's penalty sums over its whole tensor: at the unstructured default (1.25e-5) every group closes
+    results = load_results(runs("structured", ["--per_device_train_batch_size", "8", "--structured"]))
+    assert results["structured"] is True and results["args"]["l0_lambda"] == 1.25e-7
+    assert results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
 
 
 def test_diff_pruning_two_processes_match_one(runs, tiny_model, eval_batch):
