@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from glue_accuracy import METHODS, RESULTS, TASKS
+from glue_accuracy import BUDGETS, METHODS, RESULTS, TASKS
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +73,13 @@ def summarize(runs: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[
     return methods, tasks, cells
 
 
-def table(runs: dict[tuple[str, str], list[dict]]) -> str:
+def table(runs: dict[tuple[str, str], list[dict]], budget_tasks: list[str]) -> str:
+    """The markdown table; a row's average over all of `budget_tasks` only when it has them all."""
     methods, tasks, cells = summarize(runs)
     common = [t for t in tasks if all((m, t) in cells for m in methods)]
-    header = [TASK_NAMES[t] for t in tasks] + ["avg (all 5)", f"avg ({', '.join(common) or 'none'})"]
+    header = [TASK_NAMES[t] for t in tasks]
+    if len(budget_tasks) > 1:
+        header += [f"avg (all {len(budget_tasks)})", f"avg ({', '.join(common) or 'none'})"]
     rows = [
         "| method | " + " | ".join(header) + " | trainable params | stored bytes |",
         "|---|" + "---|" * (len(header) + 2),
@@ -89,9 +92,10 @@ def table(runs: dict[tuple[str, str], list[dict]]) -> str:
                 continue
             mean, spread, n = cells[method, task]
             row.append(f"{mean:.1f} ± {spread:.1f}" if n > 1 else f"{mean:.1f} (1 seed)")
-        complete = all((method, t) in cells for t in TASKS)
-        row.append(f"{statistics.mean(cells[method, t][0] for t in TASKS):.1f}" if complete else "—")
-        row.append(f"{statistics.mean(cells[method, t][0] for t in common):.1f}" if common else "—")
+        if len(budget_tasks) > 1:
+            complete = all((method, t) in cells for t in budget_tasks)
+            row.append(f"{statistics.mean(cells[method, t][0] for t in budget_tasks):.1f}" if complete else "—")
+            row.append(f"{statistics.mean(cells[method, t][0] for t in common):.1f}" if common else "—")
         records = [r for (m, _), rs in runs.items() if m == method for r in rs]
         trainable = statistics.median(r["trainable_parameters"] for r in records)
         stored = statistics.median(r["stored_bytes"] for r in records)
@@ -157,7 +161,7 @@ def main() -> None:
     runs = load(args.results, args.budget)
     if args.methods is not None:
         runs = {(method, task): records for (method, task), records in runs.items() if method in args.methods}
-    print(table(runs))
+    print(table(runs, list(BUDGETS[args.budget])))
     plot(runs, args.plot, f"Packaged MiniLM, GLUE dev, budget {args.budget!r}")
     print(f"\nPlot: {args.plot}")
 
