@@ -308,11 +308,11 @@ def test_bitfit_saves_only_biases_and_head(runs, tiny_model, eval_batch):
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
-# method, its flags, the saved adapter's peft_type, and the tensor names (last two parts) the file holds besides the
-# task head
 # PEFT's prefix tuning feeds BERT past_key_values, which BertModel.forward stopped taking in transformers 5.24
 PREFIX_TUNING_WORKS = "past_key_values" in inspect.signature(BertModel.forward).parameters
 
+# method, its flags, the saved adapter's peft_type, and the tensor names (last two parts) the file holds besides the
+# task head
 PEFT_BASELINES = [
     (
         "supertuning",
