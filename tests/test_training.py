@@ -8,6 +8,7 @@ from conftest import MODEL_CASES
 from peft import get_peft_model
 
 from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
+from peft_diffprune.sparse import base_parameter_count
 
 
 STEPS = 200
@@ -22,7 +23,7 @@ def _train(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
     """The paper's optimizer set-up (AdamW, gate logits at lr 0.1) on one fixed batch; expected density per step."""
     batch = MODEL_CASES["bert"].batch()
     optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, alpha_lr=0.1))
-    total = sum(p.numel() for n, p in model.base_model.model.named_parameters() if "diff_pruning_state" not in n)
+    total = base_parameter_count(model.base_model)  # the denominator of target_sparsity and of the example's logs
     densities = []
     model.train()
     for step in range(steps):
