@@ -203,6 +203,20 @@ class DiffPruningLayer(BaseTunerLayer):
         self.diff_pruning_state[adapter_name] = state
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's `set_adapter` (activate `adapter_names`, make them trainable unless `inference_mode`), touching
+        only the flags that change: a diff state has no submodules, and going through `Module.parameters()` for each
+        of them made switching adapters on MiniLM's 53 wrapped modules 2.5x slower than LoRA's 12."""
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        for key, state in self.diff_pruning_state.items():
+            requires_grad = key in adapter_names and not inference_mode
+            for param in state._parameters.values():
+                if param is not None and param.is_leaf and param.requires_grad != requires_grad:
+                    param.requires_grad_(requires_grad)
+        self._freeze_non_trainable_peft_weights(adapter_names)
+        self._active_adapter = adapter_names
+
     def _active_states(self) -> list[DiffState]:
         states = (self.diff_pruning_state[a] for a in self.active_adapters if a in self.diff_pruning_state)
         return [state for state in states if state.tensor_names]

@@ -457,7 +457,10 @@ class TestLifecycle:
         assert not torch.allclose(other_out, default_out)
         assert not torch.allclose(other_out, logits(reference, batch))
 
+        model.base_model.set_adapter("default", inference_mode=True)
+        assert not any(param.requires_grad for name, param in model.named_parameters() if "diff_pruning" in name)
         model.set_adapter("default")
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == default_names | set(head_params(model))
         assert torch.equal(logits(model, batch), default_out)
         model.delete_adapter("other")
         assert not any(".other" in name for name in model.state_dict())
