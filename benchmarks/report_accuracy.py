@@ -42,7 +42,11 @@ METHOD_NAMES = {
     "structured_0.0025": "structured diff pruning 0.25%",
     "structured_0.01": "structured diff pruning 1%",
     "diff_pruning_paper_lambda": "diff pruning 0.5%, paper's l0_lambda 1.25e-7",
-    "structured_lambda_1.25e-5": "structured diff pruning 0.5%, l0_lambda 1.25e-5",
+    "structured_paper_lambda": "structured diff pruning 0.5%, paper's l0_lambda 1.25e-7 on every gate",
+    "structured_0.001_paper_lambda": "structured diff pruning 0.1%, paper's l0_lambda",
+    "structured_0.0025_paper_lambda": "structured diff pruning 0.25%, paper's l0_lambda",
+    "structured_0.01_paper_lambda": "structured diff pruning 1%, paper's l0_lambda",
+    "structured_lambda_1.25e-5": "structured diff pruning 0.5%, l0_lambda 1.25e-5 on every gate",
     "diff_pruning_attn_paper_lambda": "diff pruning 0.5%, attention only, paper's l0_lambda",
     "diff_pruning_ffn_paper_lambda": "diff pruning 0.5%, FFN only, paper's l0_lambda",
 }

@@ -48,6 +48,14 @@ class DiffPruningConfig(PeftConfig):
             The hard-concrete stretch interval `(l, r)` with `l < 0` and `r > 1`. The paper uses (-1.5, 1.5).
         structured (`bool`):
             Structured diff pruning: one extra gate per parameter tensor, multiplied into every entry's gate.
+        group_l0_lambda (`Optional[float]`):
+            Weight of the penalty on the group gates of structured diff pruning; `None` (default) uses `l0_lambda`,
+            as the paper does. A group gate's term counts every entry of its tensor, so under one weight its
+            gradient is as large as the tensor: a weight that closes the right element gates closes every group
+            (see docs/training.md). With the `"product"` penalty, `l0_lambda * E[L0]` is still the value added to
+            the loss; the element logits get its gradient scaled by `l0_lambda` and the group logits by
+            `group_l0_lambda`. With `"sum"`, the penalty is `l0_lambda * sum_i P(z_i != 0) + group_l0_lambda *
+            sum_j P(z^j != 0)`.
         group_penalty (`str`):
             Penalty of the structured variant. `"product"` (default) is the paper's form, every entry's open
             probability weighted by its group's; `"sum"` adds the per-entry and per-group terms as the authors'
@@ -104,6 +112,10 @@ class DiffPruningConfig(PeftConfig):
     structured: bool = field(
         default=False,
         metadata={"help": "Add one gate per parameter tensor (structured diff pruning)."},
+    )
+    group_l0_lambda: float | None = field(
+        default=None,
+        metadata={"help": "Penalty weight on the group gates of structured diff pruning; None uses l0_lambda."},
     )
     group_penalty: Literal["product", "sum"] = field(
         default="product",
@@ -162,6 +174,14 @@ class DiffPruningConfig(PeftConfig):
             )
         if not math.isfinite(self.l0_lambda) or self.l0_lambda < 0:
             raise ValueError(f"l0_lambda must be a finite number >= 0 (the paper uses 1.25e-7), got {self.l0_lambda}.")
+        if self.group_l0_lambda is not None:
+            if not self.structured:
+                raise ValueError(
+                    "group_l0_lambda weighs the group gates of structured diff pruning, but structured=False: set "
+                    "structured=True, or leave group_l0_lambda at None."
+                )
+            if not math.isfinite(self.group_l0_lambda) or self.group_l0_lambda < 0:
+                raise ValueError(f"group_l0_lambda must be a finite number >= 0 or None, got {self.group_l0_lambda}.")
         if not math.isfinite(self.alpha_init):
             raise ValueError(f"alpha_init must be a finite gate logit (the paper uses 5.0), got {self.alpha_init}.")
         if len(self.stretch) != 2:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import DiffPruningConfig
 from .gates import expected_l0 as gate_expected_l0
+from .gates import l0_shift
 from .layer import DiffPruningLayer, DiffState, Embedding, GenericLayer, is_supported_module
 
 
@@ -34,16 +35,36 @@ def _has_parameter(model: nn.Module, key: str) -> bool:
 
 def state_expected_l0(state: DiffState, group_penalty: str) -> torch.Tensor:
     """Expected number of open gates over one adapter's gated tensors on one module."""
+    return _state_penalty(state, group_penalty, 1.0, 1.0)
+
+
+def _state_penalty(state: DiffState, group_penalty: str, l0_lambda: float, group_l0_lambda: float) -> torch.Tensor:
+    """The expected-L0 penalty of one adapter's gated tensors on one module, the group gates weighted apart.
+
+    Product form: the value is `l0_lambda * P(z^j != 0) * sum_i P(z_i != 0)` per tensor; its gradient reaches the
+    element logits scaled by `l0_lambda` and the group logit by `group_l0_lambda` (the same when they are equal).
+    """
     total = torch.zeros((), dtype=torch.float32)
     for name in state.tensor_names:
         if state.is_sparse(name):
             continue
         alpha = getattr(state, f"{name}_alpha")
         group_alpha = getattr(state, f"{name}_group_alpha", None)
-        if group_alpha is not None and group_penalty == "sum":
-            term = gate_expected_l0(alpha, state.stretch) + gate_expected_l0(group_alpha, state.stretch)
+        elements = gate_expected_l0(alpha, state.stretch)
+        if group_alpha is None:
+            term = l0_lambda * elements
+        elif group_penalty == "sum":
+            term = l0_lambda * elements + group_l0_lambda * gate_expected_l0(group_alpha, state.stretch)
         else:
-            term = gate_expected_l0(alpha, state.stretch, group_alpha)
+            group = torch.sigmoid(group_alpha.float() - l0_shift(state.stretch))
+            if group_l0_lambda == l0_lambda:
+                term = l0_lambda * group * elements
+            else:
+                # value l0_lambda * group * elements; d/d group scaled by group_l0_lambda instead of l0_lambda
+                term = (
+                    l0_lambda * group.detach() * elements
+                    + group_l0_lambda * (group - group.detach()) * elements.detach()
+                )
         total = total.to(term.device) + term
     return total
 
@@ -239,6 +260,22 @@ class DiffPruningModel(BaseTuner):
                 total = total.to(term.device) + term
         return total
 
+    def l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The penalty added to the training loss for an adapter: `l0_lambda * E[L0]`, with the group gates of
+        structured diff pruning weighted by `group_l0_lambda` (see [`DiffPruningConfig`]); differentiable, fp32."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = self.peft_config[adapter_name]
+        group_l0_lambda = config.l0_lambda if config.group_l0_lambda is None else config.group_l0_lambda
+        total = torch.zeros((), dtype=torch.float32)
+        if config.l0_lambda == 0 and group_l0_lambda == 0:
+            return total
+        for layer in self.diff_layers().values():
+            if adapter_name in layer.diff_pruning_state:
+                state = layer.diff_pruning_state[adapter_name]
+                term = _state_penalty(state, config.group_penalty, config.l0_lambda, group_l0_lambda)
+                total = total.to(term.device) + term
+        return total
+
     def _post_injection_hook(self, model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> None:
         # A forward hook on the model itself, not an override of this tuner's forward: PeftModel without a task
         # type calls the base model directly, and the penalty must be in the loss on every path.
@@ -265,9 +302,9 @@ class DiffPruningModel(BaseTuner):
         penalty = torch.zeros((), dtype=torch.float32, device=loss.device)
         for adapter_name in self.active_adapters:
             config = self.peft_config[adapter_name]
-            if config.l0_lambda > 0 and not config.kept_pattern:
+            if not config.kept_pattern:
                 # in fp32: E[L0] counts millions of gates, beyond fp16's range
-                penalty = penalty + config.l0_lambda * self.expected_l0(adapter_name).to(loss.device)
+                penalty = penalty + self.l0_penalty(adapter_name).to(loss.device)
         loss = (loss.float() + penalty).to(loss.dtype)
         if as_tuple:
             return (loss, *outputs[1:])

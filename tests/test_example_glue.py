@@ -198,10 +198,14 @@ def test_diff_pruning_one_process(runs, tiny_model, eval_batch):
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
-def test_structured_diff_pruning_defaults_to_the_paper_lambda(runs):
-    # a group gate's penalty sums over its whole tensor: at the unstructured default (1.25e-5) every group closes
-    results = load_results(runs("structured", ["--per_device_train_batch_size", "8", "--structured"]))
-    assert results["structured"] is True and results["args"]["l0_lambda"] == 1.25e-7
+def test_structured_diff_pruning_weighs_the_group_gates_apart(runs):
+    # a group gate's penalty counts its whole tensor: at the element gates' 1.25e-5 every group closes
+    output_dir = runs("structured", ["--per_device_train_batch_size", "8", "--structured"])
+    results = load_results(output_dir)
+    assert results["structured"] is True
+    assert results["args"]["l0_lambda"] == 1.25e-5 and results["args"]["group_l0_lambda"] == 1.25e-7
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert adapter_config["structured"] is True and adapter_config["group_l0_lambda"] == 1.25e-7
     assert results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
 
 
@@ -406,6 +410,7 @@ def three_label_model(tiny_model, tmp_path_factory) -> Path:
         ("head_with_other_num_labels", "has a classification head with 3 labels, but rte needs 2"),
         ("target_sparsity_zero", "--target_sparsity must be in (0, 1]"),
         ("target_sparsity_above_one", "--target_sparsity must be in (0, 1]"),
+        ("group_l0_lambda_without_structured", "--group_l0_lambda weighs the group gates"),
     ],
 )
 def test_bad_input_fails_before_training(case, message, tiny_model, three_label_model, tmp_path):
@@ -415,6 +420,7 @@ def test_bad_input_fails_before_training(case, message, tiny_model, three_label_
         "head_with_other_num_labels": ["--model_name_or_path", str(three_label_model)],
         "target_sparsity_zero": ["--target_sparsity", "0"],
         "target_sparsity_above_one": ["--target_sparsity", "1.5"],
+        "group_l0_lambda_without_structured": ["--group_l0_lambda", "1e-7"],
     }[case]
     output_dir = tmp_path / "output"
     defaults = ["--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR), "--output_dir", str(output_dir)]

@@ -1,4 +1,4 @@
-"""Training-loop helpers: the optimizer parameter groups."""
+"""Training-loop helpers and the penalty: optimizer parameter groups, penalty weights and their dynamics."""
 
 from __future__ import annotations
 
@@ -65,3 +65,111 @@ class TestPenaltyWeight:
         # open is what this one batch needs (the tiny model's density levels off near 6%)
         densities = _train(_gated_bert(l0_lambda=1.25e-5))
         assert densities[60] < 0.2 and densities[100] < 0.1 and densities[-1] < 0.07
+
+
+def _group_densities(model: torch.nn.Module) -> torch.Tensor:
+    """P(z^j != 0) of every group gate (the paper's stretch has no shift)."""
+    logits = [p for n, p in model.named_parameters() if n.endswith("_group_alpha")]
+    return torch.sigmoid(torch.stack(logits).detach())
+
+
+class TestGroupPenaltyWeight:
+    """`group_l0_lambda`: the penalty weight of structured diff pruning's group gates, apart from the element gates'."""
+
+    @staticmethod
+    def _penalty_and_grads(model):
+        for param in model.parameters():
+            param.grad = None
+        penalty = model.base_model.l0_penalty()
+        penalty.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("_alpha") and p.grad is not None}
+        return penalty.item(), grads
+
+    def _randomised(self, **config_kwargs):
+        torch.manual_seed(0)
+        model = _gated_bert(structured=True, **config_kwargs)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("_alpha"):
+                    param.uniform_(-3, 3)
+        return model
+
+    def test_product_form_value_and_gradients(self):
+        # the value stays l0_lambda * E[L0]; the element logits get l0_lambda's gradient, the group logits group_l0_lambda's
+        reference = self._randomised(l0_lambda=1e-3)
+        split = self._randomised(l0_lambda=1e-3, group_l0_lambda=1e-6)
+        value, reference_grads = self._penalty_and_grads(reference)
+        split_value, split_grads = self._penalty_and_grads(split)
+        assert split_value == pytest.approx(value, rel=1e-6)
+        assert value == pytest.approx(1e-3 * expected_l0(reference).item(), rel=1e-6)
+        assert reference_grads.keys() == split_grads.keys()
+        groups = [n for n in split_grads if n.endswith("_group_alpha")]
+        assert len(groups) > 10
+        for name, grad in split_grads.items():
+            scale = 1e-3 if name in groups else 1.0
+            torch.testing.assert_close(grad, reference_grads[name] * scale, rtol=1e-5, atol=0)
+
+    def test_unset_weight_is_the_papers_single_penalty(self):
+        model = self._randomised(l0_lambda=1e-3)
+        value, grads = self._penalty_and_grads(model)
+        for param in model.parameters():
+            param.grad = None
+        (1e-3 * expected_l0(model)).backward()
+        assert value == pytest.approx(1e-3 * expected_l0(model).item(), rel=1e-6)
+        for name, param in model.named_parameters():
+            if name in grads:
+                torch.testing.assert_close(grads[name], param.grad, rtol=1e-6, atol=0)
+
+    def test_sum_form_weighs_the_two_sums(self):
+        model = self._randomised(l0_lambda=1e-3, group_l0_lambda=2.0, group_penalty="sum")
+        value, _ = self._penalty_and_grads(model)
+        alphas = [p.detach() for n, p in model.named_parameters() if n.endswith("_alpha") and "group" not in n]
+        elements = sum(torch.sigmoid(a).sum().item() for a in alphas)
+        groups = _group_densities(model).sum().item()
+        assert value == pytest.approx(1e-3 * elements + 2.0 * groups, rel=1e-5)
+
+    def test_the_training_loss_carries_the_weighted_penalty(self):
+        # with group_l0_lambda 0 the group logits get the task's gradient alone, the element logits the penalty's too
+        model = self._randomised(l0_lambda=1e-3, group_l0_lambda=0.0)
+        config = model.peft_config["default"]
+        batch = MODEL_CASES["bert"].batch()
+        model.train()
+        grads, losses = [], []
+        for l0_lambda in (1e-3, 0.0):
+            config.l0_lambda = l0_lambda
+            for param in model.parameters():
+                param.grad = None
+            torch.manual_seed(0)
+            loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("_alpha")})
+        config.l0_lambda = 1e-3
+        assert losses[0] - losses[1] == pytest.approx(1e-3 * expected_l0(model).item(), rel=1e-4)
+        for name, grad in grads[0].items():
+            if name.endswith("_group_alpha"):
+                torch.testing.assert_close(grad, grads[1][name])
+            else:
+                assert not torch.equal(grad, grads[1][name])
+
+    def test_group_gates_stay_open_under_a_lower_group_weight(self):
+        # 1.25e-5 on both closes most group gates within 100 steps (on MiniLM it closed them all); with the group
+        # weight at 1.25e-7 most groups stay open while the element gates close as unstructured ones do
+        one_weight = _gated_bert(structured=True, l0_lambda=1.25e-5)
+        _train(one_weight, steps=100)
+        assert _group_densities(one_weight).median() < 0.1
+        split = _gated_bert(structured=True, l0_lambda=1.25e-5, group_l0_lambda=1.25e-7)
+        densities = _train(split, steps=100)
+        assert _group_densities(split).median() > 0.9 and densities[-1] < 0.15
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"group_l0_lambda": 1e-7}, "structured=True"),
+            ({"structured": True, "group_l0_lambda": -1.0}, "group_l0_lambda must be"),
+            ({"structured": True, "group_l0_lambda": float("nan")}, "group_l0_lambda must be"),
+        ],
+    )
+    def test_bad_weights_are_refused(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            DiffPruningConfig(**kwargs)
