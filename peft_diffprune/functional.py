@@ -1,8 +1,11 @@
-"""Autograd functions for training a linear layer's sparse diff with the mask fixed (the paper's last stage).
+"""Autograd functions for training a linear layer's diff, in the gated stage and with the mask fixed.
 
-With only `k` kept diff entries, the gradient of the loss with respect to them is the product `grad_out^T @ x`
-sampled at `k` positions. Computing the full weight gradient and then gathering `k` entries of it would cost as
-much as full fine-tuning; `torch.sparse.sampled_addmm` computes only the sampled entries (an SDDMM).
+Both save the input and the (frozen, shared) base weight for backward and rebuild the adapted weight there, instead
+of keeping a second copy of every layer's weight alive from forward to backward.
+
+With the mask fixed, only `k` kept diff entries train: the gradient of the loss with respect to them is the product
+`grad_out^T @ x` sampled at `k` positions. Computing the full weight gradient and then gathering `k` entries of it
+would cost as much as full fine-tuning; `torch.sparse.sampled_addmm` computes only the sampled entries (an SDDMM).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .gates import gate_grads, sampled_delta
 
 
 def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
@@ -75,3 +80,50 @@ def sparse_diff_linear(
     weight_positions, weight_values = weight_diff or (None, None)
     bias_positions, bias_values = bias_diff or (None, None)
     return _SparseDiffLinear.apply(x, weight, bias, weight_positions, weight_values, bias_positions, bias_values)
+
+
+class _GatedDiffLinear(torch.autograd.Function):
+    """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates.
+
+    Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
+    `diffs` holds `(w, alpha, group)` for the weight and, if it has one, the bias (`None` where absent).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stretch, w_weight, alpha_weight, group_weight, w_bias, alpha_bias, group_bias):
+        z_weight, delta_weight = sampled_delta(w_weight, alpha_weight, group_weight, stretch)
+        adapted_bias = bias
+        z_bias = None
+        if w_bias is not None:
+            z_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
+            adapted_bias = bias + delta_bias
+        ctx.stretch = stretch
+        ctx.save_for_backward(x, weight, w_weight, group_weight, z_weight, w_bias, group_bias, z_bias)
+        return F.linear(x, delta_weight.add_(weight), adapted_bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, w_weight, group_weight, z_weight, w_bias, group_bias, z_bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = None
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if needs[0]:
+            adapted_weight = z_weight * w_weight
+            if group_weight is not None:
+                adapted_weight.mul_(group_weight)
+            grad_x = grad_out @ adapted_weight.add_(weight)
+            del adapted_weight
+        weight_grads = bias_grads = (None, None, None)
+        if any(needs[4:7]):
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            weight_grads = gate_grads(grad_weight, w_weight, group_weight, z_weight, ctx.stretch, *needs[4:7])
+        if w_bias is not None and any(needs[7:10]):
+            bias_grads = gate_grads(grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, *needs[7:10])
+        return grad_x, None, None, None, *weight_grads, *bias_grads
+
+
+def gated_diff_linear(x, weight, bias, stretch, weight_diff, bias_diff) -> torch.Tensor:
+    """Linear layer in the gated stage: `weight_diff` and `bias_diff` are `(w, alpha, group_gate or None)` (or None
+    for an ungated bias); the gates are sampled afresh, and gradients reach `w`, `alpha` and the group gate."""
+    bias_diff = bias_diff or (None, None, None)
+    return _GatedDiffLinear.apply(x, weight, bias, stretch, *weight_diff, *bias_diff)

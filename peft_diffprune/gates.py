@@ -64,35 +64,49 @@ def _gate_derivative(z: torch.Tensor, stretch: tuple[float, float]) -> torch.Ten
     return derivative.masked_fill_(torch.logical_or(z <= 0, z >= 1), 0.0)
 
 
+def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: bool, needs_group: bool):
+    """Gradients of `delta = z * w * group` (z sampled from alpha) with respect to `w`, `alpha` and `group`, given
+    the gradient `grad_delta` and the sampled gate `z`. `grad_delta` may be overwritten."""
+    grad_w = grad_alpha = grad_group = None
+    if needs_alpha:
+        grad_alpha = _gate_derivative(z, stretch).mul_(grad_delta).mul_(w)
+        if group is not None:
+            grad_alpha.mul_(group)
+    if needs_w or (group is not None and needs_group):
+        grad_z = grad_delta.mul_(z)
+        if group is not None:
+            # d(sum grad * z * w * group) / d group = <grad * z, w>
+            grad_group = torch.dot(grad_z.reshape(-1), w.reshape(-1).to(grad_z.dtype)).reshape(group.shape)
+            grad_w = grad_z.mul_(group)
+        else:
+            grad_w = grad_z
+    return grad_w, grad_alpha, grad_group
+
+
+def sampled_delta(w: torch.Tensor, alpha: torch.Tensor, group: torch.Tensor | None, stretch):
+    """A fresh gate sample `z` for `alpha` and the diff `z * w * group` it gives, without autograd."""
+    with torch.no_grad():
+        z = _sample_gate(alpha.detach(), stretch)
+        delta = z * w
+        return z, (delta if group is None else delta.mul_(group))
+
+
 class _HardConcreteDelta(torch.autograd.Function):
     """`delta = z * w * group` with `z ~ HardConcrete(alpha)`; saves only `z` (and the inputs) for backward."""
 
     @staticmethod
     def forward(ctx, w, alpha, group, stretch):
-        with torch.no_grad():
-            z = _sample_gate(alpha.detach(), stretch)
+        z, delta = sampled_delta(w, alpha, group, stretch)
         ctx.stretch = stretch
-        ctx.save_for_backward(w, alpha, group, z)
-        delta = z * w
-        return delta if group is None else delta.mul_(group)
+        ctx.save_for_backward(w, group, z)
+        return delta
 
     @staticmethod
     def backward(ctx, grad_delta):
-        w, alpha, group, z = ctx.saved_tensors
-        grad_w = grad_alpha = grad_group = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = _gate_derivative(z, ctx.stretch).mul_(grad_delta).mul_(w)
-            if group is not None:
-                grad_alpha.mul_(group)
-        if ctx.needs_input_grad[0] or (group is not None and ctx.needs_input_grad[2]):
-            grad_z = grad_delta * z
-            if group is not None:
-                # d(sum grad * z * w * group) / d group = <grad * z, w>
-                grad_group = torch.dot(grad_z.reshape(-1), w.reshape(-1).to(grad_z.dtype)).reshape(group.shape)
-                grad_w = grad_z.mul_(group)
-            else:
-                grad_w = grad_z
-        return grad_w, grad_alpha, grad_group, None
+        w, group, z = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = gate_grads(grad_delta.clone(), w, group, z, ctx.stretch, needs[0], needs[1], needs[2])
+        return (*grads, None)
 
 
 def hard_concrete_delta(

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import DiffPruningConfig
 from .encoding import decode_positions, encode_positions, encoded_size
-from .functional import sparse_diff_linear
+from .functional import gated_diff_linear, sparse_diff_linear
 from .gates import deterministic_gate, hard_concrete_delta, sample_group_gate
 
 
@@ -351,25 +351,35 @@ class Embedding(WrappedModule):
 
 
 class GenericLayer(WrappedModule):
-    """Diff pruning for linear, convolution and normalisation layers: the base forward with adapted parameters."""
+    """Diff pruning for linear, convolution and normalisation layers: the base forward with adapted parameters.
+
+    Training an `nn.Linear` with one adapter goes through the autograd functions of `functional.py`, which rebuild
+    the adapted weight in backward instead of keeping it alive from forward to backward.
+    """
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
-        fixed_mask_training = (
+        training = (
             self.training
             and torch.is_grad_enabled()
             and type(base) is nn.Linear
             and len(states) == 1
-            and all(states[0].is_sparse(name) for name in states[0].tensor_names)
             and not torch.is_autocast_enabled(x.device.type)
         )
-        if not fixed_mask_training:
-            return super()._adapted_forward(states, x, *args, **kwargs)
-        # the weight gradient is only needed at the kept positions: compute just those (see functional.py)
         state = states[0]
-        diffs = {
-            name: (state.positions(name, param.numel()), getattr(state, f"{name}_values"))
-            for name, param in self.base_parameters().items()
-            if name in state.tensor_names
-        }
-        return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
+        if training and all(state.is_sparse(name) for name in state.tensor_names):
+            # the weight gradient is only needed at the kept positions: compute just those (see functional.py)
+            diffs = {
+                name: (state.positions(name, param.numel()), getattr(state, f"{name}_values"))
+                for name, param in self.base_parameters().items()
+                if name in state.tensor_names
+            }
+            return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
+        gated_fp32 = x.dtype == base.weight.dtype == torch.float32 and "weight" in state.tensor_names
+        if training and gated_fp32 and not any(state.is_sparse(name) for name in state.tensor_names):
+            diffs = {
+                name: (getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha"), state.group_gate(name, True))
+                for name in state.tensor_names
+            }
+            return gated_diff_linear(x, base.weight, base.bias, state.stretch, diffs["weight"], diffs.get("bias"))
+        return super()._adapted_forward(states, x, *args, **kwargs)

@@ -7,7 +7,7 @@ import torch
 from conftest import MODEL_CASES
 from peft import get_peft_model
 
-from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
+from peft_diffprune import DiffPruningConfig, expected_l0, functional, gates, layer, param_groups
 from peft_diffprune.sparse import base_parameter_count
 
 
@@ -173,3 +173,84 @@ class TestGroupPenaltyWeight:
     def test_bad_weights_are_refused(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             DiffPruningConfig(**kwargs)
+
+
+def _fixed_noise(alpha: torch.Tensor) -> torch.Tensor:
+    """Uniform noise that depends only on the tensor's shape, so both forward paths draw the same gates."""
+    generator = torch.Generator().manual_seed(alpha.numel())
+    return torch.rand(alpha.shape, generator=generator).clamp(gates.NOISE_EPS, 1 - gates.NOISE_EPS)
+
+
+class TestGatedLinear:
+    """The gated stage's `nn.Linear` path (functional.gated_diff_linear) against the generic `theta + z * w` one."""
+
+    @pytest.fixture
+    def fixed_gates(self, monkeypatch):
+        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s))
+        monkeypatch.setattr(
+            layer, "sample_group_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s)
+        )
+
+    @staticmethod
+    def _loss_and_grads(model, batch):
+        for param in model.parameters():
+            param.grad = None
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    @pytest.mark.parametrize("case", ["bert", "t5", "llama", "vit"])
+    @pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
+    def test_same_loss_and_gradients_as_the_generic_path(self, case, structured, fixed_gates, monkeypatch):
+        torch.manual_seed(0)
+        config = DiffPruningConfig(task_type=MODEL_CASES[case].task_type, structured=structured, init_weights=False)
+        model = get_peft_model(MODEL_CASES[case].model(), config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("_alpha"):
+                    param.uniform_(-2, 4)  # gates at 0, at 1 and in between
+        batch = MODEL_CASES[case].batch()
+        model.train()
+        calls = []
+        monkeypatch.setattr(layer, "gated_diff_linear", lambda *a: calls.append(1) or functional.gated_diff_linear(*a))
+        fast_loss, fast = self._loss_and_grads(model, batch)
+        assert calls  # nn.Linear layers took the gated path
+        monkeypatch.setattr(layer.GenericLayer, "_adapted_forward", layer.DiffPruningLayer._adapted_forward)
+        loss, reference = self._loss_and_grads(model, batch)
+        assert fast_loss == pytest.approx(loss, rel=1e-5)
+        assert fast.keys() == reference.keys()
+        assert (
+            any("weight_alpha" in name for name in fast) and any("group_alpha" in name for name in fast) == structured
+        )
+        for name, grad in fast.items():
+            scale = reference[name].abs().max().item() or 1.0
+            torch.testing.assert_close(grad, reference[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+    def test_keeps_no_adapted_weight_for_backward(self, monkeypatch):
+        # what the autograd graph holds besides parameters: the input and the gate samples, not W + delta
+        def saved_bytes(model) -> int:
+            params = {p.data_ptr() for p in model.parameters()}
+            total = 0
+
+            def pack(tensor):
+                nonlocal total
+                if tensor.data_ptr() not in params:
+                    total += tensor.numel() * tensor.element_size()
+                return tensor
+
+            batch = MODEL_CASES["bert"].batch()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                model(**batch).loss.backward()
+            return total
+
+        model = _gated_bert()
+        model.train()
+        linear_weights = sum(
+            m.get_base_layer().weight.numel() * 4
+            for m in model.modules()
+            if isinstance(m, layer.GenericLayer) and type(m.get_base_layer()) is torch.nn.Linear
+        )
+        fast = saved_bytes(model)
+        monkeypatch.setattr(layer.GenericLayer, "_adapted_forward", layer.DiffPruningLayer._adapted_forward)
+        generic = saved_bytes(model)
+        assert generic - fast >= linear_weights
