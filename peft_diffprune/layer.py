@@ -178,12 +178,17 @@ class DiffPruningLayer(BaseTunerLayer):
                 setattr(self, attr, getattr(base, attr))
 
     def base_parameters(self) -> dict[str, nn.Parameter]:
-        """The floating-point parameters of the base module that can carry a diff."""
-        return {
-            name: param
-            for name, param in self.get_base_layer().named_parameters(recurse=False)
-            if param.is_floating_point()
-        }
+        """The floating-point parameters of the base module that can carry a diff.
+
+        Read from `_parameters` (what `named_parameters(recurse=False)` yields, without its generator machinery: this
+        runs on every forward and twice per layer in a merged task switch).
+        """
+        params, seen = {}, set()
+        for name, param in self.get_base_layer()._parameters.items():
+            if param is not None and id(param) not in seen and param.is_floating_point():
+                params[name] = param
+                seen.add(id(param))
+        return params
 
     def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str = "") -> None:
         """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set."""
