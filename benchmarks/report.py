@@ -100,6 +100,12 @@ def serving_table(record: dict) -> str:
         f"{ratios['merged_switch']:.2f}x, unmerged switch + forward {ratios['unmerged_switch_plus_forward']:.2f}x, "
         f"unmerged forward {ratios['unmerged_forward']:.2f}x."
     )
+    if "trained" in serving:
+        trained = serving["trained"]
+        rows.append(
+            f"Trained adapter `{trained['adapter']}` ({trained['kept']:,} kept entries): merged switch "
+            f"{trained['merged_switch_s']:.4f} s, {ratios['trained_merged_switch']:.2f}x LoRA's."
+        )
     return "\n".join(rows)
 
 

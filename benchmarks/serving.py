@@ -14,6 +14,7 @@ machine cancels out.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -167,6 +168,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/serving.json")
+    parser.add_argument(
+        "--trained_adapter",
+        type=Path,
+        default=None,
+        help="A sparse adapter saved by examples/glue.py: its merged switch is timed too (loaded --adapters times). "
+        "The random adapters spread their kept entries uniformly, the worst case for the scattered reads and writes "
+        "of a merge; trained diffs are clustered.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch = {"input_ids": torch.randint(1000, 30000, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=int)}
@@ -183,6 +192,13 @@ def main() -> None:
         )
         base = load_base("minilm").eval()
         models = {prefix: load_all(folder, prefix, args.adapters) for prefix in ("diff", "lora")}
+    trained = {}
+    if args.trained_adapter is not None:
+        names = [f"trained{i}" for i in range(args.adapters)]
+        model = PeftModel.from_pretrained(load_base("minilm"), args.trained_adapter, adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(args.trained_adapter, adapter_name=name)
+        trained = {"trained": (model.eval(), names)}
 
     def switch_and_forward(model: PeftModel) -> Callable[[str], None]:
         def switch(name: str) -> None:
@@ -208,14 +224,17 @@ def main() -> None:
             },
             args.rounds,
         )
-        for model, names in models.values():
+        for model, names in [*models.values(), *trained.values()]:
             model.base_model.set_adapter(names[0])
             model.merge_adapter()
         merged = in_rounds(
             {
                 "base": clocked(lambda: base(**batch)),
                 **{p: clocked(lambda m=m: m(**batch)) for p, (m, _) in models.items()},
-                **{f"{p}_switch": clocked(cycling(names, merged_switch(m))) for p, (m, names) in models.items()},
+                **{
+                    f"{p}_switch": clocked(cycling(names, merged_switch(m)))
+                    for p, (m, names) in (models | trained).items()
+                },
             },
             args.rounds,
         )
@@ -238,7 +257,17 @@ def main() -> None:
         "unmerged_switch_plus_forward": median_ratio(unmerged, "diff_switch", "lora_switch"),
         "merged_switch": median_ratio(merged, "diff_switch", "lora_switch"),
     }
-    record = write_record(args.output, vars(args), {"storage": storage, "serving": serving})
+    if trained:
+        serving["trained"] = {
+            "adapter": str(args.trained_adapter),
+            "kept": sum(
+                json.loads((args.trained_adapter / "adapter_config.json").read_text())["kept_pattern"].values()
+            ),
+            "merged_switch_s": statistics.median(merged["trained_switch"]),
+        }
+        serving["diff_to_lora"]["trained_merged_switch"] = median_ratio(merged, "trained_switch", "lora_switch")
+    settings = {**vars(args), "trained_adapter": None if args.trained_adapter is None else str(args.trained_adapter)}
+    record = write_record(args.output, settings, {"storage": storage, "serving": serving})
     print(record["results"])
 
 
