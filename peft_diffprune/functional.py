@@ -86,7 +86,8 @@ class _GatedDiffLinear(torch.autograd.Function):
     """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates.
 
     Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
-    `diffs` holds `(w, alpha, group)` for the weight and, if it has one, the bias (`None` where absent).
+    Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha` and group gate `g` (`None`
+    for unstructured diffs; all three `None` for a bias without a diff). No gradient reaches `W` and `b`.
     """
 
     @staticmethod

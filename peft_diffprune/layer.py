@@ -370,6 +370,8 @@ class GenericLayer(WrappedModule):
             and type(base) is nn.Linear
             and len(states) == 1
             and not torch.is_autocast_enabled(x.device.type)
+            # the autograd functions give the frozen base weights no gradient
+            and not any(param.requires_grad for param in base._parameters.values() if param is not None)
         )
         state = states[0]
         if training and all(state.is_sparse(name) for name in state.tensor_names):

@@ -254,3 +254,12 @@ class TestGatedLinear:
         monkeypatch.setattr(layer.GenericLayer, "_adapted_forward", layer.DiffPruningLayer._adapted_forward)
         generic = saved_bytes(model)
         assert generic - fast >= linear_weights
+
+    def test_a_trainable_base_weight_keeps_its_gradient(self):
+        # the gated path gives the frozen base weights no gradient, so a base weight made trainable takes the generic one
+        model = _gated_bert()
+        query = next(m for n, m in model.named_modules() if n.endswith("attention.self.query"))
+        query.get_base_layer().weight.requires_grad_(True)
+        model.train()
+        model(**MODEL_CASES["bert"].batch()).loss.backward()
+        assert query.get_base_layer().weight.grad is not None and query.get_base_layer().weight.grad.abs().sum() > 0
