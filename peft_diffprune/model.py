@@ -33,11 +33,6 @@ def _has_parameter(model: nn.Module, key: str) -> bool:
     return isinstance(getattr(module, param_name, None), torch.Tensor)
 
 
-def state_expected_l0(state: DiffState, group_penalty: str) -> torch.Tensor:
-    """Expected number of open gates over one adapter's gated tensors on one module."""
-    return _state_penalty(state, group_penalty, 1.0, 1.0)
-
-
 def _state_penalty(state: DiffState, group_penalty: str, l0_lambda: float, group_l0_lambda: float) -> torch.Tensor:
     """The expected-L0 penalty of one adapter's gated tensors on one module, the group gates weighted apart.
 
@@ -251,14 +246,7 @@ class DiffPruningModel(BaseTuner):
 
     def expected_l0(self, adapter_name: str | None = None) -> torch.Tensor:
         """Expected number of non-zero diff entries of an adapter's gated tensors (differentiable, fp32 0-d)."""
-        adapter_name = adapter_name or self.active_adapters[0]
-        group_penalty = self.peft_config[adapter_name].group_penalty
-        total = torch.zeros((), dtype=torch.float32)
-        for layer in self.diff_layers().values():
-            if adapter_name in layer.diff_pruning_state:
-                term = state_expected_l0(layer.diff_pruning_state[adapter_name], group_penalty)
-                total = total.to(term.device) + term
-        return total
+        return self._weighted_l0(adapter_name or self.active_adapters[0], 1.0, 1.0)
 
     def l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor:
         """The penalty added to the training loss for an adapter: `l0_lambda * E[L0]`, with the group gates of
@@ -266,13 +254,18 @@ class DiffPruningModel(BaseTuner):
         adapter_name = adapter_name or self.active_adapters[0]
         config = self.peft_config[adapter_name]
         group_l0_lambda = config.l0_lambda if config.group_l0_lambda is None else config.group_l0_lambda
-        total = torch.zeros((), dtype=torch.float32)
         if config.l0_lambda == 0 and group_l0_lambda == 0:
-            return total
+            return torch.zeros((), dtype=torch.float32)
+        return self._weighted_l0(adapter_name, config.l0_lambda, group_l0_lambda)
+
+    def _weighted_l0(self, adapter_name: str, l0_lambda: float, group_l0_lambda: float) -> torch.Tensor:
+        group_penalty = self.peft_config[adapter_name].group_penalty
+        total = torch.zeros((), dtype=torch.float32)
         for layer in self.diff_layers().values():
             if adapter_name in layer.diff_pruning_state:
-                state = layer.diff_pruning_state[adapter_name]
-                term = _state_penalty(state, config.group_penalty, config.l0_lambda, group_l0_lambda)
+                term = _state_penalty(
+                    layer.diff_pruning_state[adapter_name], group_penalty, l0_lambda, group_l0_lambda
+                )
                 total = total.to(term.device) + term
         return total
 
