@@ -141,12 +141,18 @@ def load_time(adapter: Path) -> Callable[[], float]:
     return run
 
 
-def load_all(folder: Path, prefix: str, count: int) -> tuple[PeftModel, list[str]]:
-    names = [f"{prefix}{i}" for i in range(count)]
-    model = PeftModel.from_pretrained(load_base("minilm"), folder / names[0], adapter_name=names[0])
+def load_adapters(adapters: dict[str, Path]) -> tuple[PeftModel, list[str]]:
+    """One base model with every adapter of `adapters` (name -> folder) loaded onto it; the model and the names."""
+    names = list(adapters)
+    model = PeftModel.from_pretrained(load_base("minilm"), adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
-        model.load_adapter(folder / name, adapter_name=name)
+        model.load_adapter(adapters[name], adapter_name=name)
     return model.eval(), names
+
+
+def load_all(folder: Path, prefix: str, count: int) -> tuple[PeftModel, list[str]]:
+    """The adapters `<folder>/<prefix>0`, `<prefix>1`, ... of `make_adapters` on one base model."""
+    return load_adapters({f"{prefix}{i}": folder / f"{prefix}{i}" for i in range(count)})
 
 
 def cycling(names: list[str], switch: Callable[[str], None]) -> Callable[[], None]:
@@ -194,11 +200,8 @@ def main() -> None:
         models = {prefix: load_all(folder, prefix, args.adapters) for prefix in ("diff", "lora")}
     trained = {}
     if args.trained_adapter is not None:
-        names = [f"trained{i}" for i in range(args.adapters)]
-        model = PeftModel.from_pretrained(load_base("minilm"), args.trained_adapter, adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(args.trained_adapter, adapter_name=name)
-        trained = {"trained": (model.eval(), names)}
+        copies = {f"trained{i}": args.trained_adapter for i in range(args.adapters)}
+        trained = {"trained": load_adapters(copies)}
 
     def switch_and_forward(model: PeftModel) -> Callable[[str], None]:
         def switch(name: str) -> None:
