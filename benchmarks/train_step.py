@@ -74,7 +74,7 @@ def load_base(model: str) -> torch.nn.Module:
     weights (the fixed-mask stage reloads the base under its adapter)."""
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    from peft_diffprune.hub import packaged_minilm_path
+    from peft_diffprune.recipe.hub import packaged_minilm_path
 
     torch.manual_seed(0)
     if model in RANDOM_BERTS:

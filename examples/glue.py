@@ -60,7 +60,8 @@ from peft_diffprune import (
     project_to_sparsity,
     sparsity_report,
 )
-from peft_diffprune.glue import (
+from peft_diffprune.diff_pruning.sparse import SparsityReport, TensorSparsity
+from peft_diffprune.recipe.glue import (
     GLUE_TASKS,
     compute_glue_metrics,
     get_glue_task,
@@ -68,9 +69,8 @@ from peft_diffprune.glue import (
     predictions_from_logits,
     tokenize_glue,
 )
-from peft_diffprune.hub import packaged_minilm_path
-from peft_diffprune.plots import plot_layer_density, plot_training_curves
-from peft_diffprune.sparse import SparsityReport, TensorSparsity
+from peft_diffprune.recipe.hub import packaged_minilm_path
+from peft_diffprune.recipe.plots import plot_layer_density, plot_training_curves
 
 
 logger = get_logger(__name__)

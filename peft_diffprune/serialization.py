@@ -17,7 +17,8 @@ from pathlib import Path
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, PeftType
 
-from .encoding import encoded_size
+from .diff_pruning.encoding import encoded_size
+from .diff_pruning.sparse import sparsity_report
 
 
 #: Files written last, so that a folder never pairs a new config with old weights.
@@ -97,8 +98,6 @@ _HOW_TO_LOAD = (
 
 def adapter_summary(model: PeftModel, adapter_name: str) -> dict:
     """Sizes of one saved sparse adapter: kept entries, bytes of positions and values, per-module density."""
-    from .sparse import sparsity_report
-
     config = model.peft_config[adapter_name]
     report = sparsity_report(model, adapter_name)
     value_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[config.values_dtype]

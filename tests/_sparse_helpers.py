@@ -108,7 +108,7 @@ def make_adapter(base: torch.nn.Module, seed: int, values_dtype: str = "float32"
 
 def diff_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     """Wrapped layers by module name relative to the base model, in module order."""
-    from peft_diffprune.layer import DiffPruningLayer
+    from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 
     return {
         name: module
@@ -159,7 +159,7 @@ def reference_top_k(diffs: dict[str, torch.Tensor], budget: int) -> dict[str, li
 
 def sparse_entries(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[list[int], torch.Tensor]]:
     """Decoded kept positions and fp32 values of every sparse tensor, keyed `<module>.<param>`."""
-    from peft_diffprune.encoding import decode_positions
+    from peft_diffprune.diff_pruning.encoding import decode_positions
 
     entries = {}
     for module_name, layer in diff_layers(peft_model).items():

@@ -89,9 +89,9 @@ class TestRegistration:
     def test_reload_submodules(self):
         # in a subprocess: a failing reload would leave this process with two DiffPruningConfig classes
         code = (
-            "import importlib, peft_diffprune, peft_diffprune.config, peft_diffprune.model\n"
-            "importlib.reload(peft_diffprune.config)\n"
-            "importlib.reload(peft_diffprune.model)\n"
+            "import importlib, peft_diffprune, peft_diffprune.diff_pruning.config, peft_diffprune.diff_pruning.model\n"
+            "importlib.reload(peft_diffprune.diff_pruning.config)\n"
+            "importlib.reload(peft_diffprune.diff_pruning.model)\n"
             "importlib.reload(peft_diffprune)\n"
             "from peft import PeftConfig\n"
             "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"

@@ -16,7 +16,7 @@ from conftest import MODEL_CASES, REPO_ROOT
 from peft import get_peft_model
 
 from peft_diffprune import DiffPruningConfig, project_to_sparsity
-from peft_diffprune.layer import DiffPruningLayer
+from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 
 
 def _example_module():

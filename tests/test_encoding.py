@@ -1,4 +1,4 @@
-"""Tests for the Elias-Fano code of kept positions (`peft_diffprune.encoding`).
+"""Tests for the Elias-Fano code of kept positions (`peft_diffprune.diff_pruning.encoding`).
 
 The reference encoder in `_sparse_helpers.raw_elias_fano` is written from the format description, so the package's
 codes are checked bit for bit against an independent implementation, and it can write the invalid codes (duplicate,
@@ -11,7 +11,7 @@ import pytest
 import torch
 from _sparse_helpers import low_bits, low_part_bytes, raw_elias_fano
 
-from peft_diffprune.encoding import decode_positions, encode_positions, encoded_size
+from peft_diffprune.diff_pruning.encoding import decode_positions, encode_positions, encoded_size
 
 
 def random_positions(n: int, k: int, seed: int) -> torch.Tensor:

@@ -27,8 +27,8 @@ from transformers import (
 )
 
 import peft_diffprune  # noqa: F401  (registers diff pruning with PEFT for PeftModel.from_pretrained)
-from peft_diffprune.glue import compute_glue_metrics, load_glue, predictions_from_logits, tokenize_glue
-from peft_diffprune.hub import packaged_minilm_path
+from peft_diffprune.recipe.glue import compute_glue_metrics, load_glue, predictions_from_logits, tokenize_glue
+from peft_diffprune.recipe.hub import packaged_minilm_path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for the hard-concrete gates and the expected-L0 penalty (`peft_diffprune.gates`).
+"""Tests for the hard-concrete gates and the expected-L0 penalty (`peft_diffprune.diff_pruning.gates`).
 
 The distribution checks sample many gates and compare frequencies with probabilities derived here from the definition
 `z = min(1, max(0, sigmoid(logit(u) + alpha) * (r - l) + l))`, `u ~ U(0, 1)`, with a tolerance of five binomial
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from peft_diffprune.gates import (
+from peft_diffprune.diff_pruning.gates import (
     NOISE_EPS,
     deterministic_gate,
     expected_l0,

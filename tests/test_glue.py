@@ -19,7 +19,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as sk_metrics
 
-from peft_diffprune.glue import (
+from peft_diffprune.recipe.glue import (
     GLUE_TASKS,
     compute_glue_metrics,
     get_glue_task,
@@ -214,7 +214,7 @@ def test_load_glue_works_offline_with_a_fresh_cache(tmp_path):
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     code = (
-        "import sys; from peft_diffprune.glue import load_glue; "
+        "import sys; from peft_diffprune.recipe.glue import load_glue; "
         "d = load_glue('wnli', sys.argv[1]); print(d['train'].num_rows, d['validation'].num_rows)"
     )
     result = subprocess.run(

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
-from peft_diffprune.layer import DiffPruningLayer
+from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 
 
 ADAPTER_MARK = ".diff_pruning_state."

@@ -39,9 +39,9 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from peft_diffprune import DiffPruningConfig, project_to_sparsity, sparsity_report
-from peft_diffprune.encoding import decode_positions, encode_positions, encoded_size
-from peft_diffprune.hub import packaged_minilm_path
-from peft_diffprune.layer import DiffPruningLayer
+from peft_diffprune.diff_pruning.encoding import decode_positions, encode_positions, encoded_size
+from peft_diffprune.diff_pruning.layer import DiffPruningLayer
+from peft_diffprune.recipe.hub import packaged_minilm_path
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.utils import logging as transformers_logging
 
 from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
-from peft_diffprune.glue import load_glue, tokenize_glue
-from peft_diffprune.hub import packaged_minilm_path
+from peft_diffprune.recipe.glue import load_glue, tokenize_glue
+from peft_diffprune.recipe.hub import packaged_minilm_path
 
 
 NUM_STEPS = 30

@@ -7,8 +7,9 @@ import torch
 from conftest import MODEL_CASES
 from peft import get_peft_model
 
-from peft_diffprune import DiffPruningConfig, expected_l0, functional, gates, layer, param_groups
-from peft_diffprune.sparse import base_parameter_count
+from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
+from peft_diffprune.diff_pruning import functional, gates, layer
+from peft_diffprune.diff_pruning.sparse import base_parameter_count
 
 
 STEPS = 200

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+
+from ..registration import add_peft_type
 
 
 #: Version of the saved sparse adapter format (adapter_config.json + adapter_model.safetensors); see docs/format.md.
@@ -159,7 +160,7 @@ class DiffPruningConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.DIFF_PRUNING
+        self.peft_type = add_peft_type("DIFF_PRUNING")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

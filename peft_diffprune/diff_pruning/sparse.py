@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,10 +11,10 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import DiffPruningConfig
+from .fingerprint import base_fingerprint
 from .gates import deterministic_gate
-from .layer import DiffPruningLayer, DiffState
-from .model import DiffPruningModel
-from .training import get_tuner
+from .layer import DiffState
+from .model import DiffPruningModel, get_tuner
 
 
 @dataclass
@@ -134,57 +132,6 @@ def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     above = (magnitudes > threshold).nonzero().squeeze(1)
     at = (magnitudes == threshold).nonzero().squeeze(1)[: k - above.numel()]
     return torch.cat([above, at]).sort().values
-
-
-#: Values sampled per tensor for the base fingerprint.
-FINGERPRINT_SAMPLES = 8
-
-
-def _fingerprint_parts(tuner: DiffPruningModel, tensor_names: list[str]) -> tuple[str, list[torch.Tensor]]:
-    """A hash of the named base tensors' names and shapes, and a few values of each at fixed strided positions."""
-    structure = hashlib.sha256()
-    samples = []
-    for key in sorted(tensor_names):
-        module_name, _, param_name = key.rpartition(".")
-        module = tuner.model.get_submodule(module_name)
-        if isinstance(module, DiffPruningLayer):
-            module = module.get_base_layer()
-        flat = getattr(module, param_name).detach().reshape(-1)
-        structure.update(f"{key}|{flat.numel()}|".encode())
-        # float64: float32 positions run past the end of tensors with more than 2^24 entries
-        positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).long()
-        positions = positions.to(flat.device)
-        samples.append(flat[positions].cpu())
-    return structure.hexdigest()[:32], samples
-
-
-def base_fingerprint(tuner: DiffPruningModel, tensor_names: list[str]) -> str:
-    """Fingerprint of the base weights a sparse diff is made on: `v1:<structure hash>:<base64 fp32 samples>`.
-
-    A few values of every diffed tensor, at fixed positions, identify a checkpoint (two differently trained or
-    initialised models differ almost everywhere) while staying checkable when the base is later loaded in another
-    dtype: see [`fingerprint_matches`].
-    """
-    structure, samples = _fingerprint_parts(tuner, tensor_names)
-    data = torch.cat([sample.float() for sample in samples]).numpy().tobytes()
-    return f"v1:{structure}:{base64.b64encode(data).decode()}"
-
-
-def fingerprint_matches(tuner: DiffPruningModel, tensor_names: list[str], fingerprint: str) -> bool:
-    """Whether the model's base weights are those `fingerprint` was taken from, up to a change of dtype: the
-    recorded fp32 samples, rounded to each tensor's current dtype, must equal the current values exactly."""
-    version, _, rest = fingerprint.partition(":")
-    structure, _, data = rest.partition(":")
-    if version != "v1":
-        return False
-    current_structure, samples = _fingerprint_parts(tuner, tensor_names)
-    recorded = torch.frombuffer(bytearray(base64.b64decode(data)), dtype=torch.float32)
-    if current_structure != structure or recorded.numel() != FINGERPRINT_SAMPLES * len(samples):
-        return False
-    return all(
-        torch.equal(recorded_sample.to(sample.dtype), sample)
-        for recorded_sample, sample in zip(recorded.split(FINGERPRINT_SAMPLES), samples, strict=True)
-    )
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from .sparse import SparsityReport
+from ..diff_pruning.sparse import SparsityReport
 
 
 #: `<prefix>.<layer container>.<index>.<module path>.<parameter>`, e.g. `bert.encoder.layer.3.attention.self.query.weight`.

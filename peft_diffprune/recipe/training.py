@@ -1,29 +1,12 @@
-"""Helpers for training loops: the L0 penalty of a whole model and the optimizer parameter groups."""
+"""Optimizer parameter groups of the diff pruning recipe: diffs and gate logits apart."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from .model import DiffPruningModel
-
-
-def get_tuner(model: nn.Module) -> DiffPruningModel:
-    """The `DiffPruningModel` inside a `PeftModel` (or the tuner itself); a clear error for anything else."""
-    for candidate in (model, getattr(model, "base_model", None)):
-        if isinstance(candidate, DiffPruningModel):
-            return candidate
-    raise TypeError(
-        f"Expected a model adapted with DiffPruningConfig (a PeftModel from get_peft_model), got "
-        f"{type(model).__name__}. Wrap it first: get_peft_model(model, DiffPruningConfig(...))."
-    )
-
-
-def expected_l0(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
-    """Expected number of non-zero diff entries of the (active) adapter: a differentiable fp32 scalar."""
-    return get_tuner(model).expected_l0(adapter_name)
+from ..diff_pruning.model import get_tuner
 
 
 def param_groups(

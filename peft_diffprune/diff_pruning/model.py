@@ -8,6 +8,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .config import DiffPruningConfig
+from .fingerprint import fingerprint_matches
 from .gates import expected_l0 as gate_expected_l0
 from .gates import l0_shift
 from .layer import DiffPruningLayer, DiffState, Embedding, GenericLayer, is_supported_module
@@ -109,8 +110,6 @@ class DiffPruningModel(BaseTuner):
 
     def _verify_base(self, peft_config: DiffPruningConfig) -> None:
         """Refuse a sparse adapter made on other base weights: its positions and values would be meaningless."""
-        from .sparse import fingerprint_matches
-
         missing = [key for key in peft_config.kept_pattern if not _has_parameter(self.model, key)]
         if missing:
             raise ValueError(
@@ -307,3 +306,19 @@ class DiffPruningModel(BaseTuner):
     def _adapters_disabled(self) -> bool:
         layers = self.diff_layers().values()
         return bool(layers) and all(layer.disable_adapters for layer in layers)
+
+
+def get_tuner(model: nn.Module) -> DiffPruningModel:
+    """The `DiffPruningModel` inside a `PeftModel` (or the tuner itself); a clear error for anything else."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        if isinstance(candidate, DiffPruningModel):
+            return candidate
+    raise TypeError(
+        f"Expected a model adapted with DiffPruningConfig (a PeftModel from get_peft_model), got "
+        f"{type(model).__name__}. Wrap it first: get_peft_model(model, DiffPruningConfig(...))."
+    )
+
+
+def expected_l0(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
+    """Expected number of non-zero diff entries of the (active) adapter: a differentiable fp32 scalar."""
+    return get_tuner(model).expected_l0(adapter_name)

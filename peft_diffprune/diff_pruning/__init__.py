@@ -1,0 +1,18 @@
+from .config import DiffPruningConfig
+from .gates import deterministic_gate, hard_concrete_delta
+from .model import DiffPruningModel, expected_l0, get_tuner
+from .sparse import SparsityReport, from_finetuned, project_to_sparsity, sparsity_report
+
+
+__all__ = [
+    "DiffPruningConfig",
+    "DiffPruningModel",
+    "SparsityReport",
+    "deterministic_gate",
+    "expected_l0",
+    "from_finetuned",
+    "get_tuner",
+    "hard_concrete_delta",
+    "project_to_sparsity",
+    "sparsity_report",
+]
