@@ -50,6 +50,7 @@ class _SparseDiffLinear(torch.autograd.Function):
         adapted_weight = _with_diff(weight, weight_positions, weight_values)
         adapted_bias = None if bias is None else _with_diff(bias, bias_positions, bias_values)
         ctx.save_for_backward(x, weight, weight_positions, weight_values, bias_positions)
+        ctx.bias_values_dtype = None if bias_values is None else bias_values.dtype
         return F.linear(x, adapted_weight, adapted_bias)
 
     @staticmethod
@@ -65,7 +66,7 @@ class _SparseDiffLinear(torch.autograd.Function):
             grad_weight_values = _sampled_weight_grad(grad_2d.float(), x_2d, weight_positions, weight.shape)
             grad_weight_values = grad_weight_values.to(weight_values.dtype)
         if ctx.needs_input_grad[6]:
-            grad_bias_values = grad_2d.float().sum(0)[bias_positions]
+            grad_bias_values = grad_2d.float().sum(0)[bias_positions].to(ctx.bias_values_dtype)
         return grad_x, None, None, None, grad_weight_values, None, grad_bias_values
 
 
@@ -87,7 +88,9 @@ class _GatedDiffLinear(torch.autograd.Function):
 
     Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
     Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha` and group gate `g` (`None`
-    for unstructured diffs; all three `None` for a bias without a diff). No gradient reaches `W` and `b`.
+    for unstructured diffs; all three `None` for a bias without a diff). No gradient reaches `W` and `b`. The diff
+    may have another dtype than `W` (fp32 diffs on a bf16 base): it is rounded to `W`'s dtype and added, as
+    `DiffState.apply` does.
     """
 
     @staticmethod
@@ -97,10 +100,10 @@ class _GatedDiffLinear(torch.autograd.Function):
         z_bias = None
         if w_bias is not None:
             z_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
-            adapted_bias = bias + delta_bias
+            adapted_bias = bias + delta_bias.to(bias.dtype)
         ctx.stretch = stretch
         ctx.save_for_backward(x, weight, w_weight, group_weight, z_weight, w_bias, group_bias, z_bias)
-        return F.linear(x, delta_weight.add_(weight), adapted_bias)
+        return F.linear(x, delta_weight.to(weight.dtype).add_(weight), adapted_bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -112,7 +115,7 @@ class _GatedDiffLinear(torch.autograd.Function):
             adapted_weight = z_weight * w_weight
             if group_weight is not None:
                 adapted_weight.mul_(group_weight)
-            grad_x = grad_out @ adapted_weight.add_(weight)
+            grad_x = grad_out @ adapted_weight.to(weight.dtype).add_(weight)
             del adapted_weight
         weight_grads = bias_grads = (None, None, None)
         if any(needs[4:7]):

@@ -7,6 +7,10 @@ entry is pruned) and at exactly 1.
 The training-time gate is an autograd function that keeps only the sampled gate `z` for the backward pass: the
 derivative of the stretched sigmoid can be recovered from `z` itself where `0 < z < 1` and is zero elsewhere, so no
 uniform noise, logits or sigmoid outputs are held between forward and backward.
+
+Half-precision diffs and logits (bf16 or fp16, PEFT's `autocast_adapter_dtype=False`) are computed in fp32: the
+gate is sampled and the expected L0 summed in fp32, gradients are formed in fp32 and rounded once to the
+parameters' dtype. Only the sampled gate kept for backward is stored in the diff's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ import torch
 #: Clamp for the uniform noise, as in the authors' code: keeps log(u) and log(1 - u) finite.
 NOISE_EPS = 1e-4
 
+#: Entries per block when the expected L0 is summed: bounds the fp32 copy of half-precision logits.
+L0_BLOCK = 1 << 24
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in fp32 if it is in half precision (bf16, fp16), else itself: the precision the gate math needs."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
 
 def l0_shift(stretch: tuple[float, float]) -> float:
     """`log(-l / r)`: the shift inside the sigmoid of the expected-L0 formula (0 for the symmetric stretch)."""
@@ -29,7 +41,7 @@ def l0_shift(stretch: tuple[float, float]) -> float:
 def deterministic_gate(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
     """Evaluation-time gate `z = min(1, max(0, sigmoid(alpha) * (r - l) + l))` (Louizos et al., eq. 13)."""
     left, right = stretch
-    return torch.sigmoid(alpha).mul(right - left).add(left).clamp(0.0, 1.0)
+    return torch.sigmoid(upcast(alpha)).mul(right - left).add(left).clamp(0.0, 1.0)
 
 
 def sample_gate_from_noise(alpha: torch.Tensor, noise: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
@@ -66,7 +78,12 @@ def _gate_derivative(z: torch.Tensor, stretch: tuple[float, float]) -> torch.Ten
 
 def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: bool, needs_group: bool):
     """Gradients of `delta = z * w * group` (z sampled from alpha) with respect to `w`, `alpha` and `group`, given
-    the gradient `grad_delta` and the sampled gate `z`. `grad_delta` may be overwritten."""
+    the gradient `grad_delta` and the sampled gate `z`. `grad_delta` may be overwritten.
+
+    Computed in fp32 and returned in the dtype of `w` (and `alpha`, which shares it); the group gate's in fp32.
+    """
+    dtype = w.dtype
+    grad_delta, z = upcast(grad_delta), upcast(z)  # no copies in fp32
     grad_w = grad_alpha = grad_group = None
     if needs_alpha:
         grad_alpha = _gate_derivative(z, stretch).mul_(grad_delta).mul_(w)
@@ -80,13 +97,18 @@ def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: boo
             grad_w = grad_z.mul_(group)
         else:
             grad_w = grad_z
+    grad_w = None if grad_w is None else grad_w.to(dtype)
+    grad_alpha = None if grad_alpha is None else grad_alpha.to(dtype)
     return grad_w, grad_alpha, grad_group
 
 
 def sampled_delta(w: torch.Tensor, alpha: torch.Tensor, group: torch.Tensor | None, stretch):
-    """A fresh gate sample `z` for `alpha` and the diff `z * w * group` it gives, without autograd."""
+    """A fresh gate sample `z` for `alpha` and the diff `z * w * group` it gives, without autograd.
+
+    The gate is sampled in fp32 and rounded to the dtype of `w`, so that forward and backward use the same `z`.
+    """
     with torch.no_grad():
-        z = _sample_gate(alpha.detach(), stretch)
+        z = _sample_gate(alpha.detach(), stretch).to(w.dtype)
         delta = z * w
         return z, (delta if group is None else delta.mul_(group))
 
@@ -134,20 +156,34 @@ def sample_group_gate(group_alpha: torch.Tensor, stretch: tuple[float, float]) -
 
 
 class _SigmoidSum(torch.autograd.Function):
-    """`sum(sigmoid(alpha - shift))` without keeping the sigmoid output for backward."""
+    """`sum(sigmoid(alpha - shift))` without keeping the sigmoid output for backward.
+
+    Summed in fp32 by blocks of `L0_BLOCK` entries whatever the dtype of `alpha`: a bf16 sum of millions of
+    probabilities near 1 would stop growing, and bf16 sigmoids near 1 are rounded by up to 0.2% each.
+    """
 
     @staticmethod
     def forward(ctx, alpha, shift):
         ctx.shift = shift
         ctx.save_for_backward(alpha)
-        return _shifted_sigmoid(alpha, shift).sum(dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.promote_types(alpha.dtype, torch.float32), device=alpha.device)
+        for block in alpha.reshape(-1).split(L0_BLOCK):
+            total += _shifted_sigmoid(upcast(block), shift).sum()
+        return total
 
     @staticmethod
     def backward(ctx, grad):
         (alpha,) = ctx.saved_tensors
-        s = _shifted_sigmoid(alpha, ctx.shift)
-        # one fused pass: grad * s * (1 - s)
-        return torch.ops.aten.sigmoid_backward(grad.to(s.dtype).expand_as(s), s), None
+        grad = upcast(grad)
+        if alpha.dtype == grad.dtype:
+            s = _shifted_sigmoid(alpha, ctx.shift)
+            # one fused pass: grad * s * (1 - s)
+            return torch.ops.aten.sigmoid_backward(grad.expand_as(s), s), None
+        grad_alpha = torch.empty(alpha.shape, dtype=alpha.dtype, device=alpha.device)
+        for out, block in zip(grad_alpha.view(-1).split(L0_BLOCK), alpha.reshape(-1).split(L0_BLOCK), strict=True):
+            s = _shifted_sigmoid(upcast(block), ctx.shift)
+            out.copy_(torch.ops.aten.sigmoid_backward(grad.expand_as(s), s))
+        return grad_alpha, None
 
 
 def _shifted_sigmoid(alpha: torch.Tensor, shift: float) -> torch.Tensor:

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
@@ -60,7 +61,9 @@ class DiffState(nn.Module):
         return hasattr(self, f"{name}_positions")
 
     def add_gated(self, name: str, base: torch.Tensor, config: DiffPruningConfig) -> None:
-        kwargs = {"dtype": torch.float32, "device": base.device}
+        # in the base dtype, as PEFT creates adapter weights: `_cast_adapter_dtype` upcasts bf16 and fp16 to fp32
+        # unless `autocast_adapter_dtype=False`
+        kwargs = {"dtype": base.dtype, "device": base.device}
         diff = torch.zeros(base.shape, **kwargs)
         if not config.init_weights:
             diff.normal_(0.0, RANDOM_DIFF_STD)
@@ -71,13 +74,20 @@ class DiffState(nn.Module):
         self.tensor_names.append(name)
 
     def add_sparse(
-        self, name: str, base: torch.Tensor, num_kept: int, config: DiffPruningConfig, positions=None, values=None
+        self,
+        name: str,
+        base: torch.Tensor,
+        num_kept: int,
+        config: DiffPruningConfig,
+        positions=None,
+        values=None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Sparse state: the Elias-Fano code of the kept positions (a persistent uint8 buffer) and their values.
 
         Without `positions`, the code (all zero: it fails its checksum) and the values (NaN) are left invalid when
         `init_weights=True`, so that a layer whose weights were never loaded raises on first use instead of silently
-        acting as an identity.
+        acting as an identity. The values take `dtype`, by default the base dtype (see `add_gated`).
         """
         numel = base.numel()
         if positions is not None:
@@ -94,7 +104,7 @@ class DiffState(nn.Module):
                 else torch.randn(num_kept) * RANDOM_DIFF_STD
             )
         self.register_buffer(f"{name}_positions", code.to(base.device), persistent=True)
-        self.register_parameter(f"{name}_values", nn.Parameter(values.to(base.device, torch.float32)))
+        self.register_parameter(f"{name}_values", nn.Parameter(values.to(base.device, dtype or base.dtype)))
         self.tensor_names.append(name)
 
     def positions(self, name: str, numel: int) -> torch.Tensor:
@@ -113,6 +123,10 @@ class DiffState(nn.Module):
             )
         self._decoded[name] = (key, positions)
         return positions
+
+    def diff_dtype(self, name: str) -> torch.dtype:
+        """The dtype of the diff of parameter `name` (its values, or its dense diff and logits)."""
+        return getattr(self, f"{name}_values" if self.is_sparse(name) else f"{name}_diff").dtype
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         """Every tensor that determines the diff of parameter `name` (used to key the eval cache)."""
@@ -172,8 +186,19 @@ class DiffPruningLayer(BaseTunerLayer):
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._eval_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-        base = self.get_base_layer()
-        for attr in ("in_features", "out_features", "num_embeddings", "embedding_dim"):
+        self._set_layer_attributes(self.get_base_layer())
+
+    def _set_layer_attributes(self, base: nn.Module) -> None:
+        """The sizes PEFT's layers expose: `in_features` / `out_features` for every module (an embedding's are
+        `num_embeddings` / `embedding_dim`, a convolution's its channels, a Conv1D's its `(nx, nf)` weight shape, a
+        norm's the normalised size), and the base module's own size attributes."""
+        if is_norm_layer(base):
+            self.normalized_shape = tuple(getattr(base, "normalized_shape", base.weight.shape))
+            in_features = out_features = math.prod(self.normalized_shape)
+        else:
+            in_features, out_features = _get_in_out_features(base)
+        self.in_features, self.out_features = in_features, out_features
+        for attr in ("num_embeddings", "embedding_dim", "in_channels", "out_channels", "nf"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
 
@@ -382,8 +407,8 @@ class GenericLayer(WrappedModule):
                 if name in state.tensor_names
             }
             return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
-        gated_fp32 = x.dtype == base.weight.dtype == torch.float32 and "weight" in state.tensor_names
-        if training and gated_fp32 and not any(state.is_sparse(name) for name in state.tensor_names):
+        gated = x.dtype == base.weight.dtype and "weight" in state.tensor_names
+        if training and gated and not any(state.is_sparse(name) for name in state.tensor_names):
             diffs = {
                 name: (getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha"), state.group_gate(name, True))
                 for name in state.tensor_names

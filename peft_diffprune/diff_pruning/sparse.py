@@ -187,7 +187,9 @@ def project_to_sparsity(
         kept_pattern[f"{module_name}.{name}"] = kept.numel()
         new_state = new_states.setdefault(module_name, DiffState(state.stretch, module_name))
         kept = kept.to(diff.device)
-        new_state.add_sparse(name, base, kept.numel(), config, positions=kept, values=diff[kept])
+        new_state.add_sparse(
+            name, base, kept.numel(), config, positions=kept, values=diff[kept], dtype=state.diff_dtype(name)
+        )
 
     for module_name, layer in tuner.diff_layers().items():
         if adapter_name not in layer.diff_pruning_state:
