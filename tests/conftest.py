@@ -21,6 +21,10 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     T5Config,
@@ -107,20 +111,35 @@ def _t5() -> nn.Module:
     return T5ForConditionalGeneration(config)
 
 
-def _llama() -> nn.Module:
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+#: Sizes shared by the decoder-only causal LMs (Llama, Qwen2, Mistral).
+DECODER_SIZES = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+}
+
+
+def _llama(tie_word_embeddings: bool = False) -> nn.Module:
+    return LlamaForCausalLM(LlamaConfig(**DECODER_SIZES, tie_word_embeddings=tie_word_embeddings))
+
+
+def _llama_tied() -> nn.Module:
+    return _llama(tie_word_embeddings=True)
+
+
+def _qwen2() -> nn.Module:
+    return Qwen2ForCausalLM(Qwen2Config(**DECODER_SIZES, attention_dropout=0.0))
+
+
+def _mistral() -> nn.Module:
+    return MistralForCausalLM(MistralConfig(**DECODER_SIZES, attention_dropout=0.0, sliding_window=None))
 
 
 def _vit() -> nn.Module:
@@ -206,6 +225,19 @@ MODEL_CASES = {
         ModelCase("t5", _t5, "SEQ_2_SEQ_LM", _seq2seq_batch, (), ("q", "layer_norm", "relative_attention_bias")),
         ModelCase("llama", _llama, "CAUSAL_LM", _causal_lm_batch, (), ("q_proj", "input_layernorm")),
         ModelCase("vit", _vit, "SEQ_CLS", _image_batch, ("classifier",), ("patch_embeddings.projection", "query")),
+    )
+}
+
+
+#: Causal LMs for the end-to-end tests (not in MODEL_CASES, so the lifecycle table stays as fast as it is).
+CAUSAL_LM_CASES = {
+    case.name: case
+    for case in (
+        MODEL_CASES["gpt2"],
+        MODEL_CASES["llama"],
+        ModelCase("llama_tied", _llama_tied, "CAUSAL_LM", _causal_lm_batch, (), ("q_proj", "input_layernorm")),
+        ModelCase("qwen2", _qwen2, "CAUSAL_LM", _causal_lm_batch, (), ("q_proj", "input_layernorm")),
+        ModelCase("mistral", _mistral, "CAUSAL_LM", _causal_lm_batch, (), ("q_proj", "input_layernorm")),
     )
 }
 

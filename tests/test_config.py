@@ -15,6 +15,7 @@ from torch import nn
 
 import peft_diffprune
 from peft_diffprune import DiffPruningConfig
+from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 
 
 class TestDefaults:
@@ -160,11 +161,12 @@ class TestTargetModules:
         with pytest.raises(ValueError, match="tied weights"):
             get_peft_model(MODEL_CASES["gpt2"].model(), DiffPruningConfig(target_modules=[target]))
 
-    def test_tied_modules_skipped_by_default(self):
+    def test_tied_modules_share_one_diff_by_default(self):
         model = get_peft_model(MODEL_CASES["gpt2"].model(), DiffPruningConfig(task_type="CAUSAL_LM"))
         names = [name for name, _ in model.named_parameters()]
-        assert not any("wte" in name and "diff_pruning_state" in name for name in names)
-        assert not any("lm_head" in name for name in names)
+        assert any("wte.diff_pruning_state" in name for name in names)
+        assert not any("lm_head.diff_pruning_state" in name for name in names)  # it applies the embedding's diff
+        assert isinstance(model.base_model.model.lm_head, DiffPruningLayer)
         assert any("wpe.diff_pruning_state" in name for name in names)
 
     def test_exclude_modules(self):

@@ -169,6 +169,22 @@ class DiffState(nn.Module):
         return positions, delta.index_select(0, positions)
 
 
+class SharedDiff:
+    """The diff of tied parameters seen from a module that shares them: the owner's state, limited to `names`.
+
+    A language-model head tied to the input embedding holds no diff of its own for the shared weight; it applies the
+    embedding layer's (one tensor, one penalty term, stored and merged once). Everything but `tensor_names` is the
+    owner's state.
+    """
+
+    def __init__(self, state: DiffState, names: frozenset[str]):
+        self.state = state
+        self.tensor_names = [name for name in state.tensor_names if name in names]
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.state, attr)
+
+
 class DiffPruningLayer(BaseTunerLayer):
     """Diff pruning around one module: each targeted parameter `theta` is used as `theta + delta` (Guo et al.).
 
@@ -186,6 +202,8 @@ class DiffPruningLayer(BaseTunerLayer):
         self.merged_adapters = []
         self._merge_backup: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._eval_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        # (owner layer, parameter names): tied parameters whose diff the owner holds; a tuple, not a submodule
+        self._shared_diff: tuple[DiffPruningLayer | None, frozenset[str]] = (None, frozenset())
         self._set_layer_attributes(self.get_base_layer())
 
     def _set_layer_attributes(self, base: nn.Module) -> None:
@@ -215,10 +233,24 @@ class DiffPruningLayer(BaseTunerLayer):
                 seen.add(id(param))
         return params
 
-    def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str = "") -> None:
-        """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set."""
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: DiffPruningConfig,
+        module_name: str = "",
+        shared_diff: tuple[DiffPruningLayer | None, frozenset[str]] | None = None,
+    ) -> None:
+        """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set.
+
+        `shared_diff` is `(owner, names)` for parameters tied to those of another wrapped layer, `owner` (e.g. an LM
+        head tied to the input embedding): they get no state here, the owner's diff applies to them.
+        """
+        if shared_diff is not None:
+            self._shared_diff = shared_diff
         state = DiffState(config.stretch, module_name)
         for name, param in self.base_parameters().items():
+            if name in self._shared_diff[1]:
+                continue
             if not config.kept_pattern:
                 state.add_gated(name, param, config)
                 continue
@@ -232,6 +264,18 @@ class DiffPruningLayer(BaseTunerLayer):
                 state.add_sparse(name, param, num_kept, config)
         self.diff_pruning_state[adapter_name] = state
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        owner, names = self._shared_diff
+        if owner is None:
+            return
+        # PEFT saves targeted embedding layers in full, and a load with `assign=True` (`low_cpu_mem_usage`) gives each
+        # module its own copy of the tied weight: share the owner's again, which the one diff (and merging) needs
+        base, owner_base = self.get_base_layer(), owner.get_base_layer()
+        for name in names:
+            if base._parameters[name] is not owner_base._parameters[name]:
+                base._parameters[name] = owner_base._parameters[name]
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's `set_adapter` (activate `adapter_names`, make them trainable unless `inference_mode`), touching
@@ -248,12 +292,24 @@ class DiffPruningLayer(BaseTunerLayer):
         self._active_adapter = adapter_names
 
     def _active_states(self) -> list[DiffState]:
-        states = (self.diff_pruning_state[a] for a in self.active_adapters if a in self.diff_pruning_state)
+        states = [self.diff_pruning_state[a] for a in self.active_adapters if a in self.diff_pruning_state]
+        owner, names = self._shared_diff
+        if owner is not None and not owner.merged and not owner.disable_adapters:
+            # tied parameters: the diff the owner holds (a merged owner has written it into the shared weight)
+            states += [
+                SharedDiff(owner.diff_pruning_state[a], names)
+                for a in self.active_adapters
+                if a in owner.diff_pruning_state
+            ]
         return [state for state in states if state.tensor_names]
 
     def effective_parameters(self, states: list[DiffState]) -> dict[str, torch.Tensor]:
-        """`theta + sum of active deltas` for every parameter that some active adapter changes."""
-        sample = self.training and torch.is_grad_enabled()
+        """`theta + sum of active deltas` for every parameter that some active adapter changes.
+
+        Gates are sampled in training mode, with or without grad mode, as dropout is: reentrant gradient checkpointing
+        runs the forward under `no_grad` and recomputes it with grad, and both must draw the same gates.
+        """
+        sample = self.training
         cacheable = not self.training and not torch.is_grad_enabled()
         base_params = self.base_parameters()
         names = [n for n in base_params if any(n in s.tensor_names for s in states)]
@@ -347,11 +403,18 @@ class WrappedModule(nn.Module, DiffPruningLayer):
         self._eval_cache = None
         return super().train(mode)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DiffPruningConfig, module_name: str = ""):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: DiffPruningConfig,
+        module_name: str = "",
+        shared_diff: tuple[DiffPruningLayer | None, frozenset[str]] | None = None,
+    ):
         super().__init__()
         DiffPruningLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_name)
+        self.update_layer(adapter_name, config, module_name, shared_diff)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.diff_forward(x, *args, **kwargs)
@@ -361,8 +424,7 @@ class Embedding(WrappedModule):
     """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled."""
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        sampling = self.training and torch.is_grad_enabled()
-        if not sampling or any(s.is_sparse("weight") for s in states if "weight" in s.tensor_names):
+        if not self.training or any(s.is_sparse("weight") for s in states if "weight" in s.tensor_names):
             return super()._adapted_forward(states, x, *args, **kwargs)
         # Sampling gates for the whole vocabulary would cost a pass over the largest tensor of the model for rows
         # that this batch never reads; the gates of unused rows get no gradient from the task loss either way.
@@ -391,7 +453,6 @@ class GenericLayer(WrappedModule):
         base = self.get_base_layer()
         training = (
             self.training
-            and torch.is_grad_enabled()
             and type(base) is nn.Linear
             and len(states) == 1
             and not torch.is_autocast_enabled(x.device.type)

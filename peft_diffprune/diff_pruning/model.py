@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -14,13 +15,21 @@ from .gates import l0_shift
 from .layer import DiffPruningLayer, DiffState, Embedding, GenericLayer, is_supported_module
 
 
-def tied_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of parameters that several modules share (e.g. an LM head tied to the input embedding)."""
-    owners = defaultdict(set)
+def tied_parameters(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    """Parameters that several modules share (e.g. an LM head tied to the input embedding), by id: every
+    `(module name, parameter name)` using one, in module order. Wrapped modules count under their own name."""
+    owners = defaultdict(list)
     for module_name, module in model.named_modules(remove_duplicate=False):
-        for param in module.parameters(recurse=False):
-            owners[id(param)].add(module_name)
-    return {param_id for param_id, names in owners.items() if len(names) > 1}
+        for param_name, param in module._parameters.items():
+            name = module_name.removesuffix(".base_layer") if isinstance(param, nn.Parameter) else None
+            if name is not None and (name, param_name) not in owners[id(param)]:
+                owners[id(param)].append((name, param_name))
+    return {param_id: users for param_id, users in owners.items() if len({name for name, _ in users}) > 1}
+
+
+def _in_modules_to_save(peft_config: DiffPruningConfig, module_name: str) -> bool:
+    """Whether `module_name` is matched by `modules_to_save`, as PEFT matches it."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", module_name) for m in peft_config.modules_to_save or ())
 
 
 def _has_parameter(model: nn.Module, key: str) -> bool:
@@ -102,7 +111,7 @@ class DiffPruningModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: DiffPruningConfig, model: nn.Module) -> None:
-        self._tied_ids = tied_parameter_ids(model)
+        self._tied = tied_parameters(model)
         if peft_config.target_modules is None:
             peft_config.target_modules = self._default_target_modules(model)
         if peft_config.kept_pattern and peft_config.base_fingerprint and peft_config.verify_base_fingerprint:
@@ -146,7 +155,7 @@ class DiffPruningModel(BaseTuner):
             base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not is_supported_module(base):
                 continue
-            if any(id(p) in self._tied_ids for p in base.parameters(recurse=False)):
+            if not all(self._can_share(users) for users in self._tied_users(base)):
                 continue
             targets.add(name)
         if not targets:
@@ -167,7 +176,9 @@ class DiffPruningModel(BaseTuner):
         **kwargs: Any,
     ) -> None:
         if isinstance(target, DiffPruningLayer):
-            target.update_layer(adapter_name, peft_config, current_key)
+            target.update_layer(
+                adapter_name, peft_config, current_key, self._shared_diff(peft_config, target, current_key)
+            )
             return
         if not is_supported_module(target):
             raise TypeError(
@@ -175,20 +186,74 @@ class DiffPruningModel(BaseTuner):
                 "Supported: nn.Linear, nn.Embedding, nn.Conv2d, transformers' Conv1D, nn.LayerNorm and RMS-norm "
                 "layers. Remove it from `target_modules` or add it to `exclude_modules`."
             )
-        if any(id(p) in getattr(self, "_tied_ids", ()) for p in target.parameters(recurse=False)):
-            raise ValueError(
-                f"Target module {current_key!r} shares its weight with another module (tied weights), so a diff on "
-                "it would change both. Untie the weights first (e.g. load the model with tie_word_embeddings=False) "
-                "or add it to `exclude_modules`."
-            )
-        if peft_config.kept_pattern and not any(k.startswith(f"{current_key}.") for k in peft_config.kept_pattern):
-            # a sparse adapter keeps no entry of this module: leave it unwrapped
+        shared_diff = self._shared_diff(peft_config, target, current_key)
+        owner, shared_names = shared_diff
+        kept_here = any(k.startswith(f"{current_key}.") for k in peft_config.kept_pattern)
+        owner_keeps = owner is not None and adapter_name in owner.diff_pruning_state
+        if owner_keeps:
+            owner_keeps = bool(set(owner.diff_pruning_state[adapter_name].tensor_names) & shared_names)
+        if peft_config.kept_pattern and not kept_here and not owner_keeps:
+            # a sparse adapter keeps no entry of this module (nor of a tied weight it shares): leave it unwrapped
             return
         layer_cls = Embedding if isinstance(target, nn.Embedding) else GenericLayer
-        new_module = layer_cls(target, adapter_name, peft_config, module_name=current_key)
+        new_module = layer_cls(target, adapter_name, peft_config, module_name=current_key, shared_diff=shared_diff)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _check_tied_modules(self, model: nn.Module, peft_config: DiffPruningConfig) -> None:
+        # PEFT warns that tied layers in an adapter "can lead to complications": here they share one diff
+        pass
+
+    def _get_tied_target_modules(self, model: nn.Module) -> list[str]:
+        # read by PEFT's merge check, which warns about tied targets: their one shared diff is merged once
+        return []
+
+    def _tied_users(self, module: nn.Module) -> list[list[tuple[str, str]]]:
+        """For each parameter of `module` tied to another module's: every `(module name, parameter name)` using it."""
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        tied = getattr(self, "_tied", {})
+        return [tied[id(param)] for param in module._parameters.values() if param is not None and id(param) in tied]
+
+    def _can_share(self, users: list[tuple[str, str]]) -> bool:
+        """Whether one diff can serve every module using a tied parameter: supported modules, same parameter name."""
+        if len({param_name for _, param_name in users}) > 1:
+            return False
+        modules = [self.model.get_submodule(name) for name, _ in users]
+        return all(is_supported_module(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m) for m in modules)
+
+    def _shared_diff(
+        self, peft_config: DiffPruningConfig, target: nn.Module, current_key: str
+    ) -> tuple[DiffPruningLayer | None, frozenset[str]]:
+        """`(owner, names)` for the parameters of `target` tied to an earlier module's: that module (the first user
+        in module order) holds the one diff of them, which applies to every user. Every user must be targeted."""
+        owner, names = None, set()
+        for users in self._tied_users(target):
+            # a module in `modules_to_save` trains a copy of its own: it no longer uses the tied weight
+            users = [(name, param) for name, param in users if not _in_modules_to_save(peft_config, name)]
+            others = [name for name, _ in users if name != current_key]
+            if not others:
+                continue
+            if not self._can_share(users):
+                raise ValueError(
+                    f"Target module {current_key!r} shares a weight with {others} (tied weights) in a way one diff "
+                    "cannot serve (another parameter name or an unsupported module). Untie the weights first (e.g. "
+                    "load the model with tie_word_embeddings=False) or add it to `exclude_modules`."
+                )
+            untargeted = [name for name in others if not self._check_target_module_exists(peft_config, name)]
+            if untargeted:
+                raise ValueError(
+                    f"Target module {current_key!r} shares its weight with {untargeted} (tied weights): one diff "
+                    f"serves every module using the weight, so target them all (add {untargeted} to "
+                    "`target_modules`) or none (add them to `exclude_modules`)."
+                )
+            first_name, param_name = users[0]
+            if first_name != current_key:
+                candidate = self.model.get_submodule(first_name)
+                owner = candidate if isinstance(candidate, DiffPruningLayer) else None
+                names.add(param_name)
+        return owner, frozenset(names)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Diff states are created on the base layer's device; BaseTuner's version would also copy `child.weight`

@@ -191,11 +191,20 @@ def project_to_sparsity(
             name, base, kept.numel(), config, positions=kept, values=diff[kept], dtype=state.diff_dtype(name)
         )
 
-    for module_name, layer in tuner.diff_layers().items():
+    layers = tuner.diff_layers()
+    layer_names = {id(layer): name for name, layer in layers.items()}
+    for module_name, layer in layers.items():
         if adapter_name not in layer.diff_pruning_state:
             continue
+        owner, shared_names = layer._shared_diff
+        shares_kept = owner is not None and any(
+            f"{layer_names.get(id(owner))}.{n}" in kept_pattern for n in shared_names
+        )
         if module_name in new_states:
             layer.diff_pruning_state[adapter_name] = new_states[module_name]
+        elif shares_kept:
+            # a tied module (an LM head) keeps applying the kept entries of the weight it shares with its owner
+            layer.diff_pruning_state[adapter_name] = DiffState(config.stretch, module_name)
         else:
             del layer.diff_pruning_state[adapter_name]
         layer._eval_cache = None
