@@ -68,22 +68,34 @@ def test_fp32_base_keeps_fp32_state():
     assert_state_dtypes(model, torch.float32)
 
 
-@pytest.mark.parametrize("autocast", [True, False], ids=["fp32-state", "bf16-state"])
-@pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
-@pytest.mark.parametrize("model_name", MODEL_NAMES)
-def test_training_steps_decrease_the_loss(model_name, structured, autocast):
-    model = bf16_model(model_name, autocast, structured=structured, l0_lambda=1e-4).train()
-    batch = bf16_batch(model_name)
+def sgd_losses(model: PeftModel, batch: dict[str, torch.Tensor], steps: int = 4) -> list[float]:
     # plain SGD keeps the step in the parameters' dtype, so a bf16 state really trains in bf16
+    model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     losses = []
-    for _ in range(4):
+    for _ in range(steps):
         torch.manual_seed(0)
         loss = model(**batch).loss
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return losses
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["fp32-state", "bf16-state"])
+@pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_training_steps_decrease_the_loss(model_name, structured, autocast):
+    model = bf16_model(model_name, autocast, structured=structured, l0_lambda=1e-4)
+    batch = bf16_batch(model_name)
+    losses = sgd_losses(model, batch)
+    assert losses[-1] < losses[0], losses
+    assert_state_dtypes(model, torch.float32 if autocast else torch.bfloat16)
+
+    # the fixed-mask stage (sparse values, the sampled-gradient nn.Linear path) trains in that dtype too
+    project_to_sparsity(model, 0.2)
+    losses = sgd_losses(model, batch)
     assert losses[-1] < losses[0], losses
     assert_state_dtypes(model, torch.float32 if autocast else torch.bfloat16)
 
@@ -179,14 +191,18 @@ def test_save_load_round_trip(tmp_path, autocast, projected):
     saved = adapter_tensors(model)
     model.save_pretrained(tmp_path)
 
-    loaded = PeftModel.from_pretrained(
-        MODEL_CASES["bert"].model(dtype=torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast
-    )
-    assert_state_dtypes(loaded, torch.float32 if autocast else torch.bfloat16)
-    assert adapter_tensors(loaded).keys() == saved.keys()
-    for key, value in adapter_tensors(loaded).items():
-        assert torch.equal(value, saved[key]), key
-    assert torch.equal(no_grad_logits(loaded, batch), expected)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(
+            MODEL_CASES["bert"].model(dtype=torch.bfloat16),
+            tmp_path,
+            autocast_adapter_dtype=autocast,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        assert_state_dtypes(loaded, torch.float32 if autocast else torch.bfloat16)
+        assert adapter_tensors(loaded).keys() == saved.keys()
+        for key, value in adapter_tensors(loaded).items():
+            assert torch.equal(value, saved[key]), key
+        assert torch.equal(no_grad_logits(loaded, batch), expected)
 
     # the other precision on load: a bf16 adapter is upcast, an fp32 one rounded (losslessly here: its values were
     # drawn in bf16)

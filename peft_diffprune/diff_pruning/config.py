@@ -28,9 +28,10 @@ class DiffPruningConfig(PeftConfig):
             suffix, a string is a regex matched against the full name. `None` (default) targets every supported
             module of the model (`nn.Linear`, `nn.Embedding`, `nn.Conv2d`, transformers' `Conv1D`, `nn.LayerNorm` and
             RMS-norm style layers), so that all parameters outside `modules_to_save` get a diff, as in the paper.
-            Modules whose weight is tied to another module's (e.g. a language-model head tied to the input
-            embedding) are skipped by the default and refused when named explicitly. Parameters registered directly
-            on a module of another type (e.g. ViT's `cls_token` and `position_embeddings`) get no diff.
+            A weight tied between modules (e.g. a language-model head tied to the input embedding) gets one diff,
+            held by the first module using it and applied by all of them; naming some but not all of those modules
+            raises. Parameters registered directly on a module of another type (e.g. ViT's `cls_token` and
+            `position_embeddings`) get no diff.
         exclude_modules (`Optional[Union[list[str], str]]`):
             Modules to leave untouched, matched like `target_modules`.
         modules_to_save (`Optional[list[str]]`):
@@ -70,7 +71,8 @@ class DiffPruningConfig(PeftConfig):
             positions and values, no gates), which is what saved sparse adapters load into.
         values_dtype (`str`):
             Dtype of the diff values written by `save_pretrained`: `"float32"` (default), `"float16"` or
-            `"bfloat16"`. Training always keeps them in fp32.
+            `"bfloat16"`. In memory the adapter state follows PEFT's `autocast_adapter_dtype`: fp32 by default,
+            the base model's dtype with `autocast_adapter_dtype=False`.
         base_fingerprint (`Optional[str]`):
             Set by [`project_to_sparsity`]: a fingerprint of the base weights the diff was made on. Loading onto
             different weights raises, unless `verify_base_fingerprint=False`.

@@ -189,9 +189,11 @@ class DiffPruningModel(BaseTuner):
         shared_diff = self._shared_diff(peft_config, target, current_key)
         owner, shared_names = shared_diff
         kept_here = any(k.startswith(f"{current_key}.") for k in peft_config.kept_pattern)
-        owner_keeps = owner is not None and adapter_name in owner.diff_pruning_state
-        if owner_keeps:
-            owner_keeps = bool(set(owner.diff_pruning_state[adapter_name].tensor_names) & shared_names)
+        # the owner comes first in module order: its state of this adapter is already built
+        owner_state = (
+            owner.diff_pruning_state[adapter_name] if owner and adapter_name in owner.diff_pruning_state else None
+        )
+        owner_keeps = owner_state is not None and not shared_names.isdisjoint(owner_state.tensor_names)
         if peft_config.kept_pattern and not kept_here and not owner_keeps:
             # a sparse adapter keeps no entry of this module (nor of a tied weight it shares): leave it unwrapped
             return
