@@ -255,3 +255,17 @@ def no_grad_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     # labels stay in the batch: T5 builds its decoder inputs from them
     with torch.no_grad():
         return model(**batch).logits
+
+
+def training_losses(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, steps: int = 4) -> list[float]:
+    """The loss of each of `steps` optimizer steps on one batch, in training mode, gate noise seeded per step."""
+    model.train()
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        loss = model(**batch).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CAUSAL_LM_CASES, VOCAB_SIZE
+from conftest import CAUSAL_LM_CASES, VOCAB_SIZE, training_losses
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
@@ -45,18 +45,8 @@ def eval_logits(model: nn.Module, model_name: str) -> torch.Tensor:
 
 
 def train_steps(model: PeftModel, model_name: str, steps: int = 4) -> list[float]:
-    model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = CAUSAL_LM_CASES[model_name].batch()
-    losses = []
-    for step in range(steps):
-        torch.manual_seed(step)
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return losses
+    return training_losses(model, CAUSAL_LM_CASES[model_name].batch(), optimizer, steps)
 
 
 @pytest.mark.parametrize("model_name", CAUSAL_LMS)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MODEL_CASES, no_grad_logits
+from conftest import MODEL_CASES, no_grad_logits, training_losses
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -68,19 +68,9 @@ def test_fp32_base_keeps_fp32_state():
     assert_state_dtypes(model, torch.float32)
 
 
-def sgd_losses(model: PeftModel, batch: dict[str, torch.Tensor], steps: int = 4) -> list[float]:
+def sgd_losses(model: PeftModel, batch: dict[str, torch.Tensor]) -> list[float]:
     # plain SGD keeps the step in the parameters' dtype, so a bf16 state really trains in bf16
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    losses = []
-    for _ in range(steps):
-        torch.manual_seed(0)
-        loss = model(**batch).loss
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return losses
+    return training_losses(model, batch, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5))
 
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["fp32-state", "bf16-state"])
