@@ -1,24 +1,42 @@
-"""Atomic saving and the model card of this package's adapters (diff pruning, parallel adapters, MAM).
+"""Saving and loading this package's adapters (diff pruning, parallel adapters, MAM): what PEFT and transformers
+are made to do differently, all installed by `install_hooks` on import.
 
-`PeftModel.save_pretrained` writes straight into the target folder, so an exception or a kill half way leaves a
-mix of old and new files. For this package's adapters we let PEFT write into a temporary sibling folder and move each
-finished file into place with `os.replace` (atomic on POSIX): weights first, `adapter_config.json` last. An error
-before the move leaves the previous adapter untouched. Other PEFT methods are saved exactly as PEFT does.
+- Atomic saves: `PeftModel.save_pretrained` writes straight into the target folder, so an exception or a kill half
+  way leaves a mix of old and new files. For this package's adapters we let PEFT write into a temporary sibling folder
+  and move each finished file into place with `os.replace` (atomic on POSIX): weights first, `adapter_config.json`
+  last. An error before the move leaves the previous adapter untouched.
+- Checksums: before the move, every `adapter_model.safetensors` is sealed with a CRC-32 per tensor (`integrity.py`),
+  and the base model's label names go into the same header. Every loader checks a sealed file before any of its
+  tensors reaches a model: PEFT's (`PeftModel.from_pretrained`, `load_adapter`, `AutoPeftModel*`, hotswapping: all
+  read through `load_peft_weights`) and transformers' `model.load_adapter` (which reads the file itself).
+- Label names: `PeftModel.load_adapter` (and so `from_pretrained` and `AutoPeftModel*`) puts the saved `id2label` and
+  `label2id` on the base model's config, so that pipelines answer with the task's names.
+- The model card section, also on `push_to_hub`, and `print_trainable_parameters`, which says what the trainable
+  parameters of a diff pruning adapter are.
+
+Other PEFT methods are saved, loaded and printed exactly as PEFT does.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import peft.utils.save_and_load
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from peft import PeftModel
-from peft.utils import CONFIG_NAME, PeftType
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PeftType
+from transformers import PreTrainedModel
 
 from .diff_pruning.encoding import encoded_size
-from .diff_pruning.sparse import sparsity_report
+from .diff_pruning.model import get_tuner
+from .diff_pruning.sparse import base_parameter_count, sparsity_report
+from .integrity import file_metadata, seal_file, verify_file
 
 
 #: Files written last, so that a folder never pairs a new config with old weights.
@@ -48,9 +66,58 @@ def _move_into_place(staging: Path, target: Path) -> None:
         os.replace(source, destination)
 
 
-def install_save_hooks() -> None:
-    """Wrap `PeftModel.save_pretrained` so that diff pruning adapters are saved atomically with their model card,
-    and make `push_to_hub` upload that card. Idempotent; other PEFT methods are untouched."""
+#: Metadata key of the label names in the header of a saved adapter file.
+LABELS_KEY = "peft_diffprune.labels"
+
+
+def _label_metadata(model: PeftModel) -> dict[str, str]:
+    """The base model config's `id2label` and `label2id` as header metadata, unless they are transformers' defaults."""
+    config = getattr(model.get_base_model(), "config", None)
+    id2label, label2id = getattr(config, "id2label", None), getattr(config, "label2id", None)
+    if not id2label:
+        return {}
+    defaults = {int(i): f"LABEL_{i}" for i in id2label}
+    if {int(i): name for i, name in id2label.items()} == defaults and label2id == {v: k for k, v in defaults.items()}:
+        return {}
+    labels = {"id2label": {str(i): name for i, name in id2label.items()}, "label2id": dict(label2id or {})}
+    return {LABELS_KEY: json.dumps(labels, sort_keys=True)}
+
+
+def _apply_labels(model: PeftModel, weights_file: str | os.PathLike) -> None:
+    labels = file_metadata(weights_file).get(LABELS_KEY)
+    config = getattr(model.get_base_model(), "config", None)
+    if labels is None or config is None:
+        return
+    labels = json.loads(labels)
+    config.id2label = {int(i): name for i, name in labels["id2label"].items()}
+    config.label2id = {name: int(i) for name, i in labels["label2id"].items()}
+
+
+def _weights_file(model_id: str | os.PathLike, hub_kwargs: dict) -> str | None:
+    """The `adapter_model.safetensors` PEFT reads for `model_id`: in the folder, or in the Hub cache (PEFT has just
+    fetched it); None for adapters saved as `adapter_model.bin`."""
+    local = os.path.join(model_id, hub_kwargs.get("subfolder") or "", SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(local):
+        return local
+    if os.path.isdir(model_id):
+        return None
+    hub_kwargs = {key: value for key, value in hub_kwargs.items() if key != "use_auth_token"}
+    try:
+        return hf_hub_download(str(model_id), SAFETENSORS_WEIGHTS_NAME, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return None
+
+
+def install_hooks() -> None:
+    """Install what this package changes in PEFT and transformers (see the module docstring). Idempotent."""
+    _install_save_hooks()
+    _install_load_hooks()
+    _install_trainable_parameters_note()
+
+
+def _install_save_hooks() -> None:
+    """Wrap `PeftModel.save_pretrained` so that this package's adapters are saved atomically, sealed with checksums
+    and with their model card, and make `push_to_hub` upload that card. Other PEFT methods are untouched."""
     original = PeftModel.save_pretrained
     if getattr(original, "_diff_pruning_atomic", False):
         return
@@ -68,6 +135,9 @@ def install_save_hooks() -> None:
                 # PEFT updates an existing model card in place; give it the current one to update
                 shutil.copy2(target / "README.md", Path(staging) / "README.md")
             original(self, staging, *args, **kwargs)
+            # named adapters are saved in subfolders, one weights file each
+            for weights in Path(staging).rglob(SAFETENSORS_WEIGHTS_NAME):
+                seal_file(weights, _label_metadata(self))
             write_model_card(self, Path(staging))
             target.mkdir(exist_ok=True)
             _move_into_place(Path(staging), target)
@@ -86,6 +156,103 @@ def install_save_hooks() -> None:
         return original_upload(self, working_dir, *args, **kwargs)
 
     PeftModel._upload_modified_files = upload_modified_files
+
+
+def _install_load_hooks() -> None:
+    """Check sealed adapter files where PEFT and transformers read them, and apply the saved label names."""
+    original_read = peft.utils.save_and_load.safe_load_file
+    if getattr(original_read, "_diff_pruning_verified", False):
+        return
+
+    # every PEFT loader reads adapter weights through `load_peft_weights`, which calls this module global
+    @functools.wraps(original_read)
+    def safe_load_file(filename, *args, **kwargs):
+        verify_file(filename)
+        return original_read(filename, *args, **kwargs)
+
+    safe_load_file._diff_pruning_verified = True
+    peft.utils.save_and_load.safe_load_file = safe_load_file
+
+    # transformers' `model.load_adapter` reads the checkpoint files itself, in `_load_pretrained_model` (a static
+    # method, also used for base models, whose files carry no checksums and are only opened to read the header)
+    original_load = PreTrainedModel._load_pretrained_model
+
+    @functools.wraps(original_load)
+    def load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        for checkpoint in checkpoint_files or ():
+            if str(checkpoint).endswith(".safetensors"):
+                verify_file(checkpoint)
+        return original_load(model, state_dict, checkpoint_files, *args, **kwargs)
+
+    PreTrainedModel._load_pretrained_model = staticmethod(load_pretrained_model)
+
+    original_load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        if _type_name(self.peft_config[adapter_name]) in OUR_PEFT_TYPES and adapter_name in self.active_adapters:
+            weights = _weights_file(model_id, self._split_kwargs(kwargs)[0])
+            if weights is not None:
+                _apply_labels(self, weights)
+        return result
+
+    PeftModel.load_adapter = load_adapter
+
+
+def trainable_parameters_note(model: PeftModel) -> str | None:
+    """What the trainable parameters of the active diff pruning adapter are, in the paper's terms; None for adapters
+    of other methods."""
+    adapter_name = model.active_adapter
+    config = model.peft_config.get(adapter_name)
+    if config is None or config.peft_type != PeftType.DIFF_PRUNING:
+        return None
+    tuner = get_tuner(model)
+    sizes: dict[str, int] = {}
+    for layer in tuner.diff_layers().values():
+        if adapter_name not in layer.diff_pruning_state:
+            continue
+        # `<parameter>_diff`, `_alpha`, `_group_alpha` (gated) or `_values` (sparse)
+        for name, param in layer.diff_pruning_state[adapter_name].named_parameters():
+            kind = "group" if name.endswith("_group_alpha") else name.rsplit("_", 1)[-1]
+            sizes[kind] = sizes.get(kind, 0) + param.numel()
+    head = sum(p.numel() for name, p in model.named_parameters() if f".modules_to_save.{adapter_name}." in name)
+    total = base_parameter_count(tuner)
+    head_text = f", plus {head:,} in the task head (modules_to_save)" if head else ""
+    if config.kept_pattern:
+        kept = sizes.get("values", 0)
+        return (
+            f"the sparse diff's kept entries: {kept:,} values = {kept / total:.4%} of the base model's {total:,} "
+            f"parameters, at fixed positions{head_text}"
+        )
+    group = sizes.get("group", 0)
+    group_text = f" and {group:,} group logits" if group else ""
+    budget = min(round(config.target_sparsity * total), sizes.get("diff", 0))
+    return (
+        f"dense diffs w ({sizes.get('diff', 0):,}) and gate logits alpha ({sizes.get('alpha', 0):,}{group_text}) of "
+        f"the gated stage{head_text}; projection will keep {budget:,} entries = {budget / total:.4%} of the base "
+        f"model's {total:,} parameters"
+    )
+
+
+def _install_trainable_parameters_note() -> None:
+    original = PeftModel.print_trainable_parameters
+    if getattr(original, "_diff_pruning_note", False):
+        return
+
+    @functools.wraps(original)
+    def print_trainable_parameters(self) -> None:
+        note = trainable_parameters_note(self)
+        if note is None:
+            return original(self)
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+            f"{100 * trainable / total:.4f} ({note})"
+        )
+
+    print_trainable_parameters._diff_pruning_note = True
+    PeftModel.print_trainable_parameters = print_trainable_parameters
 
 
 _CARD_MARKER = "<!-- peft_diffprune -->"
