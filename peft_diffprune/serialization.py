@@ -219,19 +219,20 @@ def trainable_parameters_note(model: PeftModel) -> str | None:
     head = sum(p.numel() for name, p in model.named_parameters() if f".modules_to_save.{adapter_name}." in name)
     total = base_parameter_count(tuner)
     head_text = f", plus {head:,} in the task head (modules_to_save)" if head else ""
+    frozen = "frozen, loaded for inference: " if config.inference_mode else ""
     if config.kept_pattern:
         kept = sizes.get("values", 0)
         return (
-            f"the sparse diff's kept entries: {kept:,} values = {kept / total:.4%} of the base model's {total:,} "
-            f"parameters, at fixed positions{head_text}"
+            f"{frozen}kept entries of the sparse diff: {kept:,} values at fixed positions = {100 * kept / total:.3g}% "
+            f"of the base model's {total:,} parameters{head_text}"
         )
     group = sizes.get("group", 0)
-    group_text = f" and {group:,} group logits" if group else ""
+    group_text = f", and {group:,} group logits" if group else ""
     budget = min(round(config.target_sparsity * total), sizes.get("diff", 0))
     return (
-        f"dense diffs w ({sizes.get('diff', 0):,}) and gate logits alpha ({sizes.get('alpha', 0):,}{group_text}) of "
-        f"the gated stage{head_text}; projection will keep {budget:,} entries = {budget / total:.4%} of the base "
-        f"model's {total:,} parameters"
+        f"{frozen}dense diffs w ({sizes.get('diff', 0):,}) and gate logits alpha ({sizes.get('alpha', 0):,}"
+        f"{group_text}) of the gated stage{head_text}; projection will keep {budget:,} entries = "
+        f"{100 * budget / total:.3g}% of the base model's {total:,} parameters"
     )
 
 
