@@ -4,7 +4,7 @@ At save time (see `serialization.py`) the file PEFT wrote is sealed: its safeten
 `__metadata__` entries,
 
 - `peft_diffprune.checksums`: JSON `{"algorithm": "crc32", "tensors": {"<key>": "<8 hex digits>", ...}}`, one CRC-32
-  per tensor over its dtype, its shape and its data bytes;
+  per tensor over its dtype and shape as the header writes them (`F32[384,1536]`) followed by its data bytes;
 - `peft_diffprune.metadata_crc32`: the CRC-32 of every other metadata entry (the table above included), so that a
   damaged header is told apart from a damaged tensor.
 
@@ -68,7 +68,8 @@ def _read_header(path: Path, data: bytes | memoryview) -> tuple[dict, int]:
 
 def _tensor_crc(info: dict, data: memoryview, start: int) -> str:
     begin, end = (start + offset for offset in info["data_offsets"])
-    record = f"{info['dtype']}{info['shape']}".encode()
+    # dtype and shape as the header writes them (compact JSON): `F16[113566]`, `F32[384,1536]`
+    record = (info["dtype"] + json.dumps(info["shape"], separators=(",", ":"))).encode()
     return f"{zlib.crc32(data[begin:end], zlib.crc32(record)):08x}"
 
 
