@@ -10,7 +10,8 @@ are made to do differently, all installed by `install_hooks` on import.
   tensors reaches a model: PEFT's (`PeftModel.from_pretrained`, `load_adapter`, `AutoPeftModel*`, hotswapping: all
   read through `load_peft_weights`) and transformers' `model.load_adapter` (which reads the file itself).
 - Label names: `PeftModel.load_adapter` (and so `from_pretrained` and `AutoPeftModel*`) puts the saved `id2label` and
-  `label2id` on the base model's config, so that pipelines answer with the task's names.
+  `label2id` of the active adapter on the base model's config, so that pipelines answer with the task's names, and
+  `set_adapter` switches them with the adapter.
 - The model card section, also on `push_to_hub`, and `print_trainable_parameters`, which says what the trainable
   parameters of a diff pruning adapter are.
 
@@ -70,25 +71,41 @@ def _move_into_place(staging: Path, target: Path) -> None:
 LABELS_KEY = "peft_diffprune.labels"
 
 
-def _label_metadata(model: PeftModel) -> dict[str, str]:
-    """The base model config's `id2label` and `label2id` as header metadata, unless they are transformers' defaults."""
+#: On a PeftModel: the label names of each of this package's adapters loaded from a file (None: it has none), and
+#: the base model's own label names, restored for an adapter without any.
+_ADAPTER_LABELS, _BASE_LABELS = "_diff_pruning_labels", "_diff_pruning_base_labels"
+
+
+def _config_labels(model: PeftModel) -> dict | None:
+    """The base model config's `id2label` and `label2id` as saved, or None for transformers' defaults."""
     config = getattr(model.get_base_model(), "config", None)
     id2label, label2id = getattr(config, "id2label", None), getattr(config, "label2id", None)
     if not id2label:
-        return {}
+        return None
     defaults = {int(i): f"LABEL_{i}" for i in id2label}
     if {int(i): name for i, name in id2label.items()} == defaults and label2id == {v: k for k, v in defaults.items()}:
-        return {}
-    labels = {"id2label": {str(i): name for i, name in id2label.items()}, "label2id": dict(label2id or {})}
-    return {LABELS_KEY: json.dumps(labels, sort_keys=True)}
+        return None
+    return {"id2label": {str(i): name for i, name in id2label.items()}, "label2id": dict(label2id or {})}
 
 
-def _apply_labels(model: PeftModel, weights_file: str | os.PathLike) -> None:
-    labels = file_metadata(weights_file).get(LABELS_KEY)
+def _label_metadata(model: PeftModel, adapter_name: str) -> dict[str, str]:
+    """Header metadata with the label names of `adapter_name`: the config's for an active adapter (and one made in
+    this session), else those it was loaded with, since the config holds the active adapter's names."""
+    loaded = model.__dict__.get(_ADAPTER_LABELS, {})
+    use_config = adapter_name in model.active_adapters or adapter_name not in loaded
+    labels = _config_labels(model) if use_config else loaded[adapter_name]
+    return {} if labels is None else {LABELS_KEY: json.dumps(labels, sort_keys=True)}
+
+
+def _put_labels(model: PeftModel, labels: dict | None) -> None:
+    """Set the base model config's label names to `labels` (None: the base model's own)."""
     config = getattr(model.get_base_model(), "config", None)
-    if labels is None or config is None:
+    if config is None or getattr(config, "id2label", None) is None:
         return
-    labels = json.loads(labels)
+    base = model.__dict__.setdefault(_BASE_LABELS, (dict(config.id2label), dict(config.label2id)))
+    if labels is None:
+        config.id2label, config.label2id = dict(base[0]), dict(base[1])
+        return
     config.id2label = {int(i): name for i, name in labels["id2label"].items()}
     config.label2id = {name: int(i) for name, i in labels["label2id"].items()}
 
@@ -137,7 +154,8 @@ def _install_save_hooks() -> None:
             original(self, staging, *args, **kwargs)
             # named adapters are saved in subfolders, one weights file each
             for weights in Path(staging).rglob(SAFETENSORS_WEIGHTS_NAME):
-                seal_file(weights, _label_metadata(self))
+                adapter_name = "default" if weights.parent == Path(staging) else weights.parent.name
+                seal_file(weights, _label_metadata(self, adapter_name))
             write_model_card(self, Path(staging))
             target.mkdir(exist_ok=True)
             _move_into_place(Path(staging), target)
@@ -191,13 +209,28 @@ def _install_load_hooks() -> None:
     @functools.wraps(original_load_adapter)
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
         result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        if _type_name(self.peft_config[adapter_name]) in OUR_PEFT_TYPES and adapter_name in self.active_adapters:
+        if _type_name(self.peft_config[adapter_name]) in OUR_PEFT_TYPES:
             weights = _weights_file(model_id, self._split_kwargs(kwargs)[0])
-            if weights is not None:
-                _apply_labels(self, weights)
+            saved = file_metadata(weights).get(LABELS_KEY) if weights is not None else None
+            labels = json.loads(saved) if saved is not None else None
+            self.__dict__.setdefault(_ADAPTER_LABELS, {})[adapter_name] = labels
+            if adapter_name in self.active_adapters:
+                _put_labels(self, labels)
         return result
 
     PeftModel.load_adapter = load_adapter
+
+    # the config holds one set of label names: switching adapters switches them
+    original_set_adapter = PeftModel.set_adapter
+
+    @functools.wraps(original_set_adapter)
+    def set_adapter(self, adapter_name, *args, **kwargs):
+        original_set_adapter(self, adapter_name, *args, **kwargs)
+        loaded = self.__dict__.get(_ADAPTER_LABELS, {})
+        if isinstance(adapter_name, str) and adapter_name in loaded:
+            _put_labels(self, loaded[adapter_name])
+
+    PeftModel.set_adapter = set_adapter
 
 
 def trainable_parameters_note(model: PeftModel) -> str | None:

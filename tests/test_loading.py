@@ -619,6 +619,7 @@ def test_packaged_minilm_at_half_a_percent(tmp_path):
 
 
 LABELS = {0: "entailment", 1: "not_entailment"}
+SST2_LABELS = {0: "negative", 1: "positive"}
 
 
 @pytest.fixture(scope="module")
@@ -631,6 +632,9 @@ def labelled(tmp_path_factory):
     assert base.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
     base.config.id2label, base.config.label2id = LABELS, {name: i for i, name in LABELS.items()}
     make_adapter(base, seed=1).save_pretrained(root / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+    base.config.id2label, base.config.label2id = SST2_LABELS, {name: i for i, name in SST2_LABELS.items()}
+    make_adapter(base, seed=2).save_pretrained(root / "sst2")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB_SIZE - 5)]
     (root / "vocab.txt").write_text("\n".join(words) + "\n")
     return {"root": root, "tokenizer": BertTokenizerFast(vocab_file=str(root / "vocab.txt"))}
@@ -674,7 +678,24 @@ class TestLabelNames:
             predicted = model(**labelled["tokenizer"](self.TEXTS, padding=True, return_tensors="pt")).logits
         assert answers == [LABELS[int(i)] for i in predicted.argmax(-1)]
 
-    def test_a_second_inactive_adapter_leaves_the_labels(self, labelled, saved):
-        model = PeftModel.from_pretrained(fresh_base(labelled["root"]), labelled["root"] / "adapter")
-        model.load_adapter(saved["folders"]["a"], adapter_name="other")  # saved with the default labels
+    def test_set_adapter_switches_the_labels(self, labelled, saved):
+        root = labelled["root"]
+        model = PeftModel.from_pretrained(fresh_base(root), root / "adapter")
+        model.load_adapter(root / "sst2", adapter_name="sst2")
+        model.load_adapter(saved["folders"]["a"], adapter_name="plain")  # saved with the default labels
+        assert model.config.id2label == LABELS  # inactive adapters leave the names alone
+        model.set_adapter("sst2")
+        assert model.config.id2label == SST2_LABELS and model.config.label2id == {"negative": 0, "positive": 1}
+        model.set_adapter("plain")
+        assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # the base model's own
+        model.set_adapter("default")
         assert model.config.id2label == LABELS
+
+    def test_each_adapter_saves_its_own_labels(self, labelled, tmp_path):
+        root = labelled["root"]
+        model = PeftModel.from_pretrained(fresh_base(root), root / "adapter")
+        model.load_adapter(root / "sst2", adapter_name="sst2")
+        model.save_pretrained(tmp_path)  # "default" is active: the config holds its names, not SST-2's
+        for folder, labels in ((tmp_path, LABELS), (tmp_path / "sst2", SST2_LABELS)):
+            saved_labels = json.loads(file_metadata(folder / "adapter_model.safetensors")[LABELS_KEY])
+            assert saved_labels["id2label"] == {str(i): name for i, name in labels.items()}
