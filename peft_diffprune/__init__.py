@@ -14,13 +14,13 @@ from .mam import MAMConfig, MAMModel
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 from .recipe import param_groups
 from .registration import register
-from .serialization import install_save_hooks
+from .serialization import install_hooks
 
 
 register("diff_pruning", DiffPruningConfig, DiffPruningModel)
 register("parallel_adapter", ParallelAdapterConfig, ParallelAdapterModel)
 register("mam", MAMConfig, MAMModel)
-install_save_hooks()
+install_hooks()
 
 __all__ = [
     "DiffPruningConfig",

@@ -23,9 +23,13 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModelForSequenceClassification
 
 from peft_diffprune import sparsity_report
+from peft_diffprune.integrity import file_metadata, verify_file
+from peft_diffprune.serialization import LABELS_KEY
 
 
 REPO_ID = "diffprune-tests/tiny-sst2"
+DAMAGED_REPO_ID = "diffprune-tests/tiny-sst2-damaged"
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 COMMIT = "4f3c2b1a0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b"
 
 
@@ -67,6 +71,7 @@ def pushed(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     tiny_bert(0).save_pretrained(root / "base")
     base = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+    base.config.id2label, base.config.label2id = LABELS, {name: i for i, name in LABELS.items()}
     model = make_adapter(base, seed=1, values_dtype="float16")
     model.save_pretrained(root / "local")
 
@@ -123,6 +128,12 @@ class TestPushToHub:
             sum(t.numel() for k, t in tensors.items() if k.endswith("_values"))
             == sparsity_report(pushed["model"]).kept
         )
+
+    def test_uploaded_weights_carry_checksums_and_labels(self, pushed, tmp_path):
+        path = tmp_path / "adapter_model.safetensors"
+        path.write_bytes(pushed["hub"].commits[0]["files"]["adapter_model.safetensors"])
+        assert verify_file(path) is True
+        assert json.loads(file_metadata(path)[LABELS_KEY])["id2label"] == {str(i): n for i, n in LABELS.items()}
 
     def test_model_card_describes_the_sparse_adapter(self, pushed):
         card = pushed["hub"].commits[0]["files"]["README.md"].decode()
@@ -185,9 +196,16 @@ def base():
 def out(model):
     return model.eval()(**inputs).logits
 
-results["peft"] = out(PeftModel.from_pretrained(base(), repo_id))
+model = PeftModel.from_pretrained(base(), repo_id)
+results["peft"], results["peft_labels"] = out(model), model.config.id2label
 results["peft_at_commit"] = out(PeftModel.from_pretrained(base(), repo_id, revision=commit))
-results["auto"] = out(AutoPeftModelForSequenceClassification.from_pretrained(repo_id))
+model = AutoPeftModelForSequenceClassification.from_pretrained(repo_id)
+results["auto"], results["auto_labels"] = out(model), model.config.id2label
+try:
+    PeftModel.from_pretrained(base(), repo_id + "-damaged")
+    results["damaged"] = None
+except Exception as error:
+    results["damaged"] = (type(error).__name__, str(error))
 try:
     PeftModel.from_pretrained(base(), "diffprune-tests/not-in-cache")
     results["missing"] = None
@@ -201,7 +219,11 @@ torch.save(results, root / "hub_results.pt")
 def test_load_from_hub_cache_offline_in_fresh_process(pushed):
     root = pushed["root"]
     files = pushed["hub"].commits[0]["files"]
-    write_hub_cache(root / "cache", REPO_ID, {k: v for k, v in files.items() if k != "README.md"})
+    files = {k: v for k, v in files.items() if k != "README.md"}
+    write_hub_cache(root / "cache", REPO_ID, files)
+    damaged = bytearray(files["adapter_model.safetensors"])
+    damaged[-1] ^= 0x10  # the last byte of the last tensor's data
+    write_hub_cache(root / "cache", DAMAGED_REPO_ID, {**files, "adapter_model.safetensors": bytes(damaged)})
 
     run_fresh(
         HUB_SCRIPT,
@@ -217,6 +239,14 @@ def test_load_from_hub_cache_offline_in_fresh_process(pushed):
     assert not torch.allclose(results["peft"], logits(tiny_bert(0)), atol=1e-3)
     # an id that is not cached fails offline instead of reaching for the network
     assert results["missing"] is not None
+    # the label names travel with the weights; a damaged download is refused
+    assert results["peft_labels"] == results["auto_labels"] == LABELS
+    name, message = results["damaged"]
+    assert (
+        name == "AdapterChecksumError"
+        and "fails its checksum" in message
+        and "models--diffprune-tests--tiny-sst2-damaged" in message
+    )
 
 
 def test_hub_cache_layout_resolves_like_huggingface_hub(pushed, tmp_path):

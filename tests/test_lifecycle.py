@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from peft_diffprune import DiffPruningConfig, expected_l0, param_groups
+from peft_diffprune import DiffPruningConfig, expected_l0, param_groups, project_to_sparsity
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 
 
@@ -260,15 +260,32 @@ class TestLifecycle:
                 assert not param.any(), name
 
     def test_trainable_parameter_count(self, model_name, adapter_kwargs, capsys):
-        _, model = make_models(model_name, adapter_kwargs)
-        num_expected = sum(p.numel() for p in [*adapter_params(model).values(), *head_params(model).values()])
+        reference, model = make_models(model_name, adapter_kwargs)
+        adapter = adapter_params(model)
+        diffs = sum(p.numel() for name, p in adapter.items() if name.endswith("_diff"))
+        groups = sum(p.numel() for name, p in adapter.items() if name.endswith("_group_alpha"))
+        alphas = sum(p.numel() for name, p in adapter.items() if name.endswith("_alpha")) - groups
+        head = sum(p.numel() for p in head_params(model).values())
+        head_prefixes = tuple(f"{name}." for name in MODEL_CASES[model_name].head)
+        base = sum(p.numel() for name, p in reference.named_parameters() if not name.startswith(head_prefixes))
+        budget = min(round(0.005 * base), diffs)
 
         trainable, total = model.get_nb_trainable_parameters()
         model.print_trainable_parameters()
 
-        assert trainable == num_expected
+        # PEFT's counts: every parameter with requires_grad, of every parameter of the PeftModel
+        assert trainable == diffs + alphas + groups + head == sum(p.numel() for p in [*adapter.values()]) + head
         assert total == sum(p.numel() for p in model.parameters())
-        assert f"trainable params: {num_expected:,d}" in capsys.readouterr().out
+        expected = (
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f} "
+            f"(dense diffs w ({diffs:,}) and gate logits alpha ({alphas:,}"
+            + (f", and {groups:,} group logits" if groups else "")
+            + ") of the gated stage"
+            + (f", plus {head:,} in the task head (modules_to_save)" if head else "")
+            + f"; projection will keep {budget:,} entries = {100 * budget / base:.3g}% of the base model's {base:,} "
+            "parameters)\n"
+        )
+        assert capsys.readouterr().out == expected
 
     def test_param_groups(self, model_name, adapter_kwargs):
         _, model = make_models(model_name, adapter_kwargs)
@@ -519,6 +536,28 @@ def analytic_penalty_grad(model: PeftModel, name: str, alpha: torch.Tensor, conf
 
 def cast_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def test_trainable_parameters_printed_in_each_stage(capsys, tmp_path):
+    """The tiny BERT (6,896 parameters outside its 51-parameter head) at 1%: gated, projected, loaded for inference."""
+    model = get_peft_model(MODEL_CASES["bert"].model(), DiffPruningConfig(task_type="SEQ_CLS", target_sparsity=0.01))
+    model.print_trainable_parameters()
+    project_to_sparsity(model)
+    model.print_trainable_parameters()
+    model.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(MODEL_CASES["bert"].model(), tmp_path).print_trainable_parameters()
+    # gated: 2 x 6,896 + 51 of 6,896 + 51 (the original head) + 51 + 13,792; projected: 69 + 51 of 6,896 + 102 + 69
+    assert capsys.readouterr().out.splitlines() == [
+        "trainable params: 13,843 || all params: 20,790 || trainable%: 66.5849 (dense diffs w (6,896) and gate logits "
+        "alpha (6,896) of the gated stage, plus 51 in the task head (modules_to_save); projection will keep 69 "
+        "entries = 1% of the base model's 6,896 parameters)",
+        "trainable params: 120 || all params: 7,067 || trainable%: 1.6980 (kept entries of the sparse diff: 69 "
+        "values at fixed positions = 1% of the base model's 6,896 parameters, plus 51 in the task head "
+        "(modules_to_save))",
+        "trainable params: 0 || all params: 7,067 || trainable%: 0.0000 (frozen, loaded for inference: kept entries "
+        "of the sparse diff: 69 values at fixed positions = 1% of the base model's 6,896 parameters, plus 51 in the "
+        "task head (modules_to_save))",
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

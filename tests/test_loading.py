@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 from _sparse_helpers import (
     HEAD,
+    VOCAB_SIZE,
     apply_sparse_diff,
     copy_adapter,
     edit_config,
@@ -35,13 +36,15 @@ from _sparse_helpers import (
     tiny_bert,
     weight_key,
 )
-from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import AutoModelForSequenceClassification
+from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
+from transformers import AutoModelForSequenceClassification, BertTokenizerFast, pipeline
 
 from peft_diffprune import DiffPruningConfig, project_to_sparsity, sparsity_report
 from peft_diffprune.diff_pruning.encoding import decode_positions, encode_positions, encoded_size
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
+from peft_diffprune.integrity import file_metadata
 from peft_diffprune.recipe.hub import packaged_minilm_path
+from peft_diffprune.serialization import LABELS_KEY
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -609,3 +612,90 @@ def test_packaged_minilm_at_half_a_percent(tmp_path):
             if name.endswith("_values"):
                 param.copy_(param.half().float())
     torch.testing.assert_close(after_load, hidden(model), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# label names
+
+
+LABELS = {0: "entailment", 1: "not_entailment"}
+SST2_LABELS = {0: "negative", 1: "positive"}
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A tiny two-label base saved with transformers' default labels, an adapter trained with the task's label
+    names on its config, and a tokenizer for the tiny vocabulary."""
+    root = tmp_path_factory.mktemp("labelled")
+    tiny_bert(0, num_labels=2).save_pretrained(root / "base")
+    base = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+    assert base.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    base.config.id2label, base.config.label2id = LABELS, {name: i for i, name in LABELS.items()}
+    make_adapter(base, seed=1).save_pretrained(root / "adapter")
+    base = AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+    base.config.id2label, base.config.label2id = SST2_LABELS, {name: i for i, name in SST2_LABELS.items()}
+    make_adapter(base, seed=2).save_pretrained(root / "sst2")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB_SIZE - 5)]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    return {"root": root, "tokenizer": BertTokenizerFast(vocab_file=str(root / "vocab.txt"))}
+
+
+def fresh_base(root):
+    return AutoModelForSequenceClassification.from_pretrained(root / "base").eval()
+
+
+class TestLabelNames:
+    TEXTS = ["w1 w2 w3", "w40 w7", "w12 w13 w14 w44"]
+
+    def test_saved_in_the_weights_header(self, labelled):
+        metadata = file_metadata(labelled["root"] / "adapter" / "adapter_model.safetensors")
+        assert json.loads(metadata[LABELS_KEY]) == {
+            "id2label": {"0": "entailment", "1": "not_entailment"},
+            "label2id": {"entailment": 0, "not_entailment": 1},
+        }
+
+    def test_default_labels_are_not_saved(self, tmp_path):
+        make_adapter(tiny_bert(0), seed=1).save_pretrained(tmp_path)
+        assert LABELS_KEY not in file_metadata(tmp_path / "adapter_model.safetensors")
+
+    @pytest.mark.parametrize(
+        "load",
+        [
+            pytest.param(lambda root: PeftModel.from_pretrained(fresh_base(root), root / "adapter"), id="PeftModel"),
+            pytest.param(
+                lambda root: AutoPeftModelForSequenceClassification.from_pretrained(root / "adapter"),
+                id="AutoPeftModelForSequenceClassification",
+            ),
+        ],
+    )
+    def test_pipeline_answers_the_task_labels(self, labelled, load):
+        model = load(labelled["root"]).eval()
+        assert model.config.id2label == LABELS
+        assert model.config.label2id == {"entailment": 0, "not_entailment": 1}
+        classifier = pipeline("text-classification", model=model, tokenizer=labelled["tokenizer"])
+        answers = [answer["label"] for answer in classifier(self.TEXTS)]
+        with torch.no_grad():
+            predicted = model(**labelled["tokenizer"](self.TEXTS, padding=True, return_tensors="pt")).logits
+        assert answers == [LABELS[int(i)] for i in predicted.argmax(-1)]
+
+    def test_set_adapter_switches_the_labels(self, labelled, saved):
+        root = labelled["root"]
+        model = PeftModel.from_pretrained(fresh_base(root), root / "adapter")
+        model.load_adapter(root / "sst2", adapter_name="sst2")
+        model.load_adapter(saved["folders"]["a"], adapter_name="plain")  # saved with the default labels
+        assert model.config.id2label == LABELS  # inactive adapters leave the names alone
+        model.set_adapter("sst2")
+        assert model.config.id2label == SST2_LABELS and model.config.label2id == {"negative": 0, "positive": 1}
+        model.set_adapter("plain")
+        assert model.config.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # the base model's own
+        model.set_adapter("default")
+        assert model.config.id2label == LABELS
+
+    def test_each_adapter_saves_its_own_labels(self, labelled, tmp_path):
+        root = labelled["root"]
+        model = PeftModel.from_pretrained(fresh_base(root), root / "adapter")
+        model.load_adapter(root / "sst2", adapter_name="sst2")
+        model.save_pretrained(tmp_path)  # "default" is active: the config holds its names, not SST-2's
+        for folder, labels in ((tmp_path, LABELS), (tmp_path / "sst2", SST2_LABELS)):
+            saved_labels = json.loads(file_metadata(folder / "adapter_model.safetensors")[LABELS_KEY])
+            assert saved_labels["id2label"] == {str(i): name for i, name in labels.items()}

@@ -71,65 +71,85 @@ def plot_training_curves(history: Sequence[Mapping], path: str | os.PathLike, ta
     plt.close(fig)
 
 
-def layer_density_table(report: SparsityReport) -> tuple[list[int], list[str], dict[tuple[int, str], float], dict]:
+def layer_density_table(
+    report: SparsityReport, grid: Sequence[SparsityReport] = ()
+) -> tuple[list[int], list[str], dict[tuple[int, str], float], dict[str, float]]:
     """Density (non-zero diff entries over parameters, weight and bias together) per `(layer, module type)`.
 
-    Returns the layer indices, the module types in model order, the density of each cell, and the density of every
-    module outside the numbered layers (embeddings, pooler, ...) by name.
+    The rows (layer indices, in order) and columns (module types, in model order) are those of every report in
+    `grid` and of `report`, so that tables of several reports of one model share a grid: pass the same `grid` for
+    each. A tensor that a report lacks but another has (projection kept nothing of it) counts as 0 non-zero of its
+    parameters. Returns the layers, the module types, the density of each cell, and the density of every module
+    outside the numbered layers (embeddings, pooler, ...) by name, in model order.
     """
+    parameters = {t.name: t.parameters for r in (*grid, report) for t in r.tensors}
+    nonzero = {t.name: t.nonzero for t in report.tensors}
     cells: dict[tuple[int, str], list[int]] = {}
     outside: dict[str, list[int]] = {}
-    for tensor in report.tensors:
-        match = _LAYER_PATTERN.match(tensor.name)
+    for name, count in parameters.items():
+        match = _LAYER_PATTERN.match(name)
         if match:
             counts = cells.setdefault((int(match.group(1)), match.group(2)), [0, 0])
         else:
-            counts = outside.setdefault(tensor.name.rsplit(".", 1)[0], [0, 0])
-        counts[0] += tensor.nonzero
-        counts[1] += tensor.parameters
+            counts = outside.setdefault(name.rsplit(".", 1)[0], [0, 0])
+        counts[0] += nonzero.get(name, 0)
+        counts[1] += count
     layers = sorted({layer for layer, _ in cells})
     modules = list(dict.fromkeys(module for _, module in cells))
-    density = {key: nonzero / parameters for key, (nonzero, parameters) in cells.items()}
-    return layers, modules, density, {name: nonzero / params for name, (nonzero, params) in outside.items()}
+    density = {key: kept / params for key, (kept, params) in cells.items()}
+    return layers, modules, density, {name: kept / params for name, (kept, params) in outside.items()}
 
 
 def plot_layer_density(reports: Mapping[str, SparsityReport], path: str | os.PathLike) -> None:
     """Heatmaps of the diff's density, transformer layers (rows) by module type (columns), one panel per report.
 
-    Modules outside the numbered layers (embeddings, pooler) are shown in a strip under each heatmap. Cells are
-    annotated with the density in percent. Each panel has its own color scale.
+    Every panel has the same rows and columns in the same order and one shared logarithmic colour scale (the gated
+    stage and the projected adapter differ by orders of magnitude), so that cells can be compared across panels.
+    Cells with nothing kept are drawn grey and marked 0; cells that do not exist (a module type missing from a
+    layer) are left white. Modules outside the numbered layers (embeddings, pooler) are shown in a strip under each
+    heatmap. Cells are annotated with the density in percent.
     """
     import numpy as np
+    from matplotlib.colors import ListedColormap, LogNorm
 
     plt = _pyplot()
-    tables = {title: layer_density_table(report) for title, report in reports.items()}
-    width = max(max(len(modules), len(outside)) for _, modules, _, outside in tables.values())
-    height = max(len(layers) for layers, *_ in tables.values())
+    grid = list(reports.values())
+    tables = {title: layer_density_table(report, grid) for title, report in reports.items()}
+    layers, modules, _, outside = next(iter(tables.values()))
+    values = [v for _, _, density, strip in tables.values() for v in (*density.values(), *strip.values()) if v > 0]
+    norm = LogNorm(vmin=min(values, default=1e-4) * 100, vmax=max(values, default=1.0) * 100)
+    if norm.vmin == norm.vmax:
+        norm = LogNorm(vmin=norm.vmin / 10, vmax=norm.vmax)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    empty = ListedColormap(["#d9d9d9"])
+    width = max(len(modules), len(outside), 1)
     fig, axes = plt.subplots(
         2,
         len(tables),
-        figsize=(2.0 + (1.5 + 0.7 * width) * len(tables), 4.5 + 0.45 * height),
-        gridspec_kw={"height_ratios": [max(height, 1), 1]},
+        figsize=(3.0 + (1.5 + 0.7 * width) * len(tables), 4.5 + 0.45 * len(layers)),
+        gridspec_kw={"height_ratios": [max(len(layers), 1), 1]},
         squeeze=False,
         layout="constrained",
     )
-    for column, (title, (layers, modules, density, outside)) in enumerate(tables.items()):
-        grid = np.full((len(layers), len(modules)), np.nan)
+    for column, (title, (_, _, density, strip_density)) in enumerate(tables.items()):
+        cells = np.full((len(layers), len(modules)), np.nan)
         for (layer, module), value in density.items():
-            grid[layers.index(layer), modules.index(module)] = value
-        strip = np.array([list(outside.values())]) if outside else np.full((1, 1), np.nan)
-        vmax = max(np.nanmax(grid, initial=0.0), np.nanmax(strip, initial=0.0)) * 100 or 1.0
-        for ax, values, xlabels, ylabels in (
-            (axes[0, column], grid, modules, [f"layer {layer}" for layer in layers]),
+            cells[layers.index(layer), modules.index(module)] = value
+        strip = np.array([list(strip_density.values())]) if outside else np.full((1, 1), np.nan)
+        for ax, grid_values, xlabels, ylabels in (
+            (axes[0, column], cells, modules, [f"layer {layer}" for layer in layers]),
             (axes[1, column], strip, list(outside), [""]),
         ):
-            image = ax.imshow(values * 100, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+            percent = grid_values * 100
+            image = ax.imshow(np.ma.masked_where(~(percent > 0), percent), cmap=cmap, norm=norm, aspect="auto")
+            ax.imshow(np.ma.masked_where(percent != 0, percent), cmap=empty, aspect="auto")
             ax.set_xticks(range(len(xlabels)), xlabels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(ylabels)), ylabels, fontsize=8)
-            for (row, col), value in np.ndenumerate(values):
+            for (row, col), value in np.ndenumerate(percent):
                 if not np.isnan(value):
-                    ax.text(col, row, f"{value * 100:.3g}", ha="center", va="center", fontsize=7, color="white")
+                    color = "black" if value == 0 or norm(value) > 0.6 else "white"
+                    ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7, color=color)
         axes[0, column].set_title(title)
-        fig.colorbar(image, ax=axes[:, column].tolist(), label="density (%)", shrink=0.8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="density (%), one scale for every panel; grey: 0", shrink=0.8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
