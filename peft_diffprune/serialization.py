@@ -143,6 +143,11 @@ def _install_save_hooks() -> None:
     def save_pretrained(self, save_directory, *args, **kwargs):
         if not _is_ours(self) or not kwargs.get("is_main_process", True):
             return original(self, save_directory, *args, **kwargs)
+        if len(args) < 3:
+            # PEFT's "auto" saves the full input and output embeddings whenever an embedding is targeted, as diff
+            # pruning's default targets are: 2 x vocabulary x hidden of base weights in a file of a few hundred kB.
+            # Our adapters hold their diffs as adapter state; a resized vocabulary still needs True, passed explicitly.
+            kwargs.setdefault("save_embedding_layers", False)
         target = Path(save_directory)
         if target.is_file():
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")

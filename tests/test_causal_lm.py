@@ -70,6 +70,9 @@ def test_causal_lm_end_to_end(model_name, tmp_path):
         model.unmerge_adapter()
 
     model.save_pretrained(tmp_path)
+    # adapter state only: PEFT's default would add the base model's input and output embeddings to the file
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert all(STATE_MARK in key for key in saved), sorted(k for k in saved if STATE_MARK not in k)
     loaded = PeftModel.from_pretrained(CAUSAL_LM_CASES[model_name].model(0), tmp_path)
     assert torch.equal(eval_logits(loaded, model_name), logits)
     assert torch.equal(greedy(loaded), tokens)
