@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 try:
     from trl import SFTTrainer
 except ModuleNotFoundError as error:

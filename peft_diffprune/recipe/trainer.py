@@ -13,6 +13,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
+
 import torch
 from peft import PeftModel
 from transformers import Trainer
