@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..diff_pruning.sparse import project_to_sparsity
@@ -38,6 +38,18 @@ def checkpoint_stage(checkpoint: str | os.PathLike) -> str:
     return json.loads(path.read_text())["stage"]
 
 
+class _StageStart(TrainerCallback):
+    """Restarts the logged terms' step count where each `train()` call starts (0, or a resumed checkpoint's step)."""
+
+    def __init__(self, trainer: DiffPruningTrainerMixin):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._term_sums.clear()
+        self.trainer._term_last.clear()
+        self.trainer._terms_logged_at = state.global_step
+
+
 class DiffPruningTrainerMixin:
     """The recipe's overrides of `Trainer`; put it first among the bases: `class T(DiffPruningTrainerMixin, Trainer)`.
 
@@ -53,6 +65,11 @@ class DiffPruningTrainerMixin:
       (the objective, the L0 term included).
     - `save_model()` after `train()` writes the sparse adapter.
     """
+
+    #: Whether the loss `compute_loss` returns is the model's own `outputs.loss`, into which a diff pruning model's
+    #: forward adds the L0 term (when labels reach the model). TRL's SFTTrainer computes its loss from the fused
+    #: LM head's log-probabilities instead, and sets this to False: the recipe then adds the L0 term itself.
+    loss_is_model_loss = True
 
     def __init__(self, *args, diff_pruning: DiffPruningSchedule | None = None, **kwargs):
         optimizers = kwargs.get("optimizers", (None, None))
@@ -76,6 +93,7 @@ class DiffPruningTrainerMixin:
         self._terms_logged_at = 0
         #: each stage's `TrainerState.log_history` (a stage's `train()` call starts a new `TrainerState`)
         self.stage_log_history: dict[str, list[dict]] = {}
+        self.add_callback(_StageStart(self))
 
     # optimizer, schedule and clipping of the current stage
 
@@ -103,22 +121,45 @@ class DiffPruningTrainerMixin:
     # task loss and L0 term logged apart
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._loss_terms.task_loss = None
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if model.training:
-            terms = self._loss_terms.measure()
-            task_loss = terms.pop("task_loss", None)
-            if task_loss is not None:
-                # the share of this micro-batch in the step's loss, as Trainer sums its `loss` (see compute_loss)
-                if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
-                    if self.args.average_tokens_across_devices:
-                        task_loss = task_loss * self.accelerator.num_processes
-                else:
-                    task_loss = task_loss / self.current_gradient_accumulation_steps
-                self._term_sums["task_loss"] += task_loss.to(self.args.device)
-            self._term_last.update(terms)
-        return result
+        if not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        terms = self._loss_terms.measure()
+        in_model_loss = terms.pop("task_loss", None)
+        if not self.loss_is_model_loss:
+            in_model_loss = None
+        # Trainer sums the micro-batches' losses of a step when they are normalised over the whole step (by
+        # `num_items_in_batch`), and divides each by the accumulation steps otherwise; with `average_tokens_across_
+        # devices` it also multiplies them by the process count, which DDP's gradient average undoes.
+        scaled = self._loss_is_scaled_for_ga(num_items_in_batch)
+        processes = self.accelerator.num_processes
+        spread = processes if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1
+        if in_model_loss is not None:
+            task_loss = in_model_loss * spread if scaled else in_model_loss / self.current_gradient_accumulation_steps
+        else:
+            # the loss was computed outside the model (TRL's fused LM head): the model's forward added no penalty
+            task_loss = loss.detach().float() * (1 if scaled else 1 / self.current_gradient_accumulation_steps)
+        if "l0_term" in terms:
+            # the L0 term belongs once to each optimizer step: correct what the model's forward added
+            wanted = spread / self.current_gradient_accumulation_steps if scaled else 1.0
+            added = spread if (in_model_loss is not None and scaled) else (1.0 if in_model_loss is not None else 0.0)
+            if wanted != added:
+                loss = loss + (wanted - added) * self._loss_terms.tuner.l0_penalty().to(loss.device, loss.dtype)
+        self._term_sums["task_loss"] += task_loss.to(self.args.device)
+        self._term_last.update(terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether Trainer.training_step leaves this loss undivided by the accumulation steps (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or self.compute_loss_func is not None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and (self._term_sums or self._term_last):
