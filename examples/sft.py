@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--target_sparsity", type=float, default=0.05, help="Fraction of parameters kept.")
     parser.add_argument("--max_steps", type=int, default=60, help="Optimizer steps of the gated stage.")
     parser.add_argument("--fixmask_max_steps", type=int, default=30, help="Optimizer steps of the fixed-mask stage.")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (SFTConfig's default); fp32 otherwise.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> DiffPruningSFTTrainer:
         report_to=[],
         seed=args.seed,
         use_cpu=True,
+        bf16=args.bf16,
         max_length=16,
     )
     schedule = DiffPruningSchedule(
