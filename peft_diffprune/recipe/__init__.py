@@ -6,7 +6,6 @@ from .training import (
     DiffPruningSchedule,
     LossTerms,
     clip_grad_norm_per_group,
-    optimizer_steps,
     param_groups,
     stage_scheduler,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "LossTerms",
     "checkpoint_stage",
     "clip_grad_norm_per_group",
-    "optimizer_steps",
     "param_groups",
     "stage_scheduler",
 ]

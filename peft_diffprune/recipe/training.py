@@ -10,7 +10,6 @@ trains the kept entries with the mask fixed. `examples/glue.py` (an Accelerate l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,13 +108,6 @@ def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) 
     if not norms:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([norm.float().to(norms[0].device) for norm in norms]))
-
-
-def optimizer_steps(batches_per_epoch: int, gradient_accumulation_steps: int, epochs: float, max_steps: int) -> int:
-    """Optimizer steps of a stage: `max_steps` if positive, else `epochs` over the batches of an epoch."""
-    if max_steps > 0:
-        return max_steps
-    return math.ceil(epochs * math.ceil(batches_per_epoch / gradient_accumulation_steps))
 
 
 class LossTerms:
