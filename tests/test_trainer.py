@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -181,3 +182,31 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="builds the optimizer and scheduler of each stage"):
         DiffPruningTrainer(model, args, train_dataset=_dataset(), optimizers=(optimizer, None))
+
+
+def test_the_l0_term_counts_once_per_step_under_gradient_accumulation(tmp_path):
+    """A causal LM normalises its loss over the accumulated tokens (`num_items_in_batch`) and Trainer sums the
+    micro-batches; the model's forward adds the whole L0 term to each, which the trainer brings back to one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = get_peft_model(LlamaForCausalLM(config), DiffPruningConfig(task_type="CAUSAL_LM", l0_lambda=1e-3))
+    ids = torch.randint(3, VOCAB_SIZE, (16, SEQ_LEN), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(
+        str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    trainer = DiffPruningTrainer(
+        model, args, train_dataset=dataset, diff_pruning=DiffPruningSchedule(fixmask_epochs=0)
+    )
+    trainer.train()
+    logs = [log for log in trainer.stage_log_history["gated"] if "loss" in log]
+    assert len(logs) == 3
+    for log in logs:
+        assert log["task_loss"] == pytest.approx(math.log(VOCAB_SIZE), rel=0.1)
+        assert log["loss"] == pytest.approx(log["task_loss"] + log["l0_term"], rel=1e-4)
