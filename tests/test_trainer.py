@@ -109,14 +109,13 @@ def test_gated_logs_carry_task_loss_and_l0_term_apart(tmp_path):
     assert all("l0_term" not in log and log["task_loss"] == pytest.approx(log["loss"]) for log in fixmask_logs)
 
 
-def test_gate_logits_keep_a_constant_learning_rate_while_the_diffs_decay(tmp_path):
-    trainer = _trainer(tmp_path, fixmask_max_steps=1)
-    trainer.args.save_strategy = "no"
+def _train_watching_steps(trainer, watch) -> list:
+    """Train, recording `watch(group)` for every parameter group just before each optimizer step."""
     seen = []
     original_step = torch.optim.AdamW.step
 
     def step(optimizer, *args, **kwargs):
-        seen.append({group["name"]: group["lr"] for group in optimizer.param_groups})
+        seen.append({group["name"]: watch(group) for group in optimizer.param_groups})
         return original_step(optimizer, *args, **kwargs)
 
     torch.optim.AdamW.step = step
@@ -124,6 +123,13 @@ def test_gate_logits_keep_a_constant_learning_rate_while_the_diffs_decay(tmp_pat
         trainer.train()
     finally:
         torch.optim.AdamW.step = original_step
+    return seen
+
+
+def test_gate_logits_keep_a_constant_learning_rate_while_the_diffs_decay(tmp_path):
+    trainer = _trainer(tmp_path, fixmask_max_steps=1)
+    trainer.args.save_strategy = "no"
+    seen = _train_watching_steps(trainer, lambda group: group["lr"])
     gated = seen[:GATED_STEPS]
     assert [lrs["alpha"] for lrs in gated] == [0.1] * GATED_STEPS
     assert [lrs["diff"] for lrs in gated] == pytest.approx([1e-3 * (1 - s / GATED_STEPS) for s in range(GATED_STEPS)])
@@ -134,21 +140,9 @@ def test_gradients_are_clipped_per_group(tmp_path):
     trainer = _trainer(tmp_path, fixmask_max_steps=1)
     trainer.args.save_strategy = "no"
     trainer.args.max_grad_norm = 3e-4  # below both groups' norms
-    norms = []
-    original_step = torch.optim.AdamW.step
-
-    def step(optimizer, *args, **kwargs):
-        norms.append(
-            {g["name"]: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in g["params"]])).item()
-             for g in optimizer.param_groups}
-        )  # fmt: skip
-        return original_step(optimizer, *args, **kwargs)
-
-    torch.optim.AdamW.step = step
-    try:
-        trainer.train()
-    finally:
-        torch.optim.AdamW.step = original_step
+    norms = _train_watching_steps(
+        trainer, lambda group: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in group["params"]])).item()
+    )
     # a global clip would leave each group below the norm: the two norms add up
     assert len(norms) == GATED_STEPS + 1
     for group_norms in norms:
