@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +208,35 @@ def test_the_l0_term_counts_once_per_step_under_gradient_accumulation(tmp_path):
     for log in logs:
         assert log["task_loss"] == pytest.approx(math.log(VOCAB_SIZE), rel=0.1)
         assert log["loss"] == pytest.approx(log["task_loss"] + log["l0_term"], rel=1e-4)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import test_trainer
+trainer = test_trainer._trainer(sys.argv[1])
+trainer.train()
+trainer.save_model()
+print("WORLD", trainer.args.world_size, "STAGE", trainer.stage, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_stages_under_ddp(tmp_path):
+    """Each stage is a fresh `Trainer.train()`: stage 2 wraps the projected model in a new DDP, not the old one."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run(
+        [*command, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("WORLD 2 STAGE fixmask") == 2
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sum(saved["kept_pattern"].values()) == round(
+        TARGET_SPARSITY * base_parameter_count(_trainer(tmp_path / "x").model.base_model)
+    )
+    assert checkpoint_stage(tmp_path / "out" / "fixmask" / "checkpoint-2") == "fixmask"
