@@ -15,7 +15,7 @@ from conftest import MODEL_CASES, NUM_LABELS, SEQ_LEN, VOCAB_SIZE
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from peft_diffprune import DiffPruningConfig, DiffPruningSchedule, DiffPruningTrainer, checkpoint_stage
 from peft_diffprune.diff_pruning.sparse import base_parameter_count
@@ -100,8 +100,17 @@ def test_save_model_writes_the_sparse_adapter(trained):
 def test_gated_logs_carry_task_loss_and_l0_term_apart(tmp_path):
     trainer = _trainer(tmp_path, fixmask_max_steps=1)
     trainer.args.save_strategy = "no"
+    tracked = []
+
+    class Tracker(TrainerCallback):  # what report_to's tracker callbacks receive
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            tracked.append(dict(logs))
+
+    trainer.add_callback(Tracker())
     trainer.train()
-    # the gated stage's history is in its own TrainerState; the logged dicts went to the callbacks
+    assert [log for log in tracked if "loss" in log][0].keys() >= {"task_loss", "l0_term", "expected_density"}
+    assert any("projection/kept" in log for log in tracked)
+    # the gated stage's history is in its own TrainerState
     gated_logs = [log for log in trainer.stage_log_history["gated"] if "loss" in log]
     assert len(gated_logs) == GATED_STEPS
     for log in gated_logs:
