@@ -182,6 +182,7 @@ class DiffPruningTrainerMixin:
             if self.stage == "fixmask" and self._loss_terms.gated():
                 self._load_projected(checkpoint)
         saved = {name: getattr(self.args, name) for name in ("output_dir", "max_steps", "num_train_epochs")}
+        output = None
         try:
             if self.stage == "gated":
                 self.args.output_dir = os.path.join(root, "gated")
