@@ -227,6 +227,9 @@ trainer = test_trainer._trainer(sys.argv[1])
 trainer.train()
 trainer.save_model()
 print("WORLD", trainer.args.world_size, "STAGE", trainer.stage, flush=True)
+# Trainer leaves the process group up; torn down at exit, gloo's threads sometimes abort ("terminate called
+# without an active exception")
+torch.distributed.destroy_process_group()
 """
 
 

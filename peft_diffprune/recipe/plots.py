@@ -110,9 +110,10 @@ def plot_layer_density(reports: Mapping[str, SparsityReport], path: str | os.Pat
     heatmap. Cells are annotated with the density in percent.
     """
     import numpy as np
+
+    plt = _pyplot()  # first: it selects the Agg backend, and its errors are the ones worth reporting
     from matplotlib.colors import ListedColormap, LogNorm
 
-    plt = _pyplot()
     grid = list(reports.values())
     tables = {title: layer_density_table(report, grid) for title, report in reports.items()}
     layers, modules, _, outside = next(iter(tables.values()))
