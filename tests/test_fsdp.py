@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 from conftest import MODEL_CASES, REPO_ROOT, no_grad_logits
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from peft_diffprune import DiffPruningConfig
+from peft_diffprune.diff_pruning import model as model_module
+from peft_diffprune.diff_pruning.layer import active_penalty_terms
 
 
 WORKER = REPO_ROOT / "tests" / "fsdp_worker.py"
@@ -100,3 +103,81 @@ def test_fsdp2_save_pretrained_writes_the_unsharded_files(two_ranks, model):
 def test_fsdp2_resume_from_distributed_checkpoint(two_ranks):
     assert two_ranks["fsdp2/bert/resume/params"] == 0
     assert two_ranks["fsdp2/bert/resume/loss"] == 0
+
+
+class _TwoBranches(nn.Module):
+    """A model without a task type whose `unused` layer is never called in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.used(x)
+        return (nn.functional.cross_entropy(logits, labels), logits)
+
+
+class TestPenaltyFromTheGateNodes:
+    """The penalty of every sampled tensor comes from the node that samples its gates (see gates.py)."""
+
+    def test_loss_carries_l0_penalty_without_a_separate_pass(self, monkeypatch):
+        case = MODEL_CASES["bert"]
+        model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS", l0_lambda=1e-3, structured=True))
+        model.train()
+        batch = case.batch()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        with model.disable_adapter():
+            torch.manual_seed(0)
+            task_loss = model(**batch).loss
+        penalty = model.base_model.l0_penalty()
+        # outside forward, l0_penalty() builds its own nodes; in a training forward no tensor needs one
+        monkeypatch.setattr(model_module, "tensor_penalty", lambda *a: pytest.fail("penalty computed apart"))
+        torch.manual_seed(0)
+        again = model(**batch).loss
+        torch.testing.assert_close(again, loss, rtol=0, atol=0)
+        # the adapter starts as the identity: the losses differ by the penalty alone
+        torch.testing.assert_close(loss - task_loss, penalty, rtol=0, atol=1e-6)
+        assert active_penalty_terms() is None
+
+    def test_a_layer_not_called_in_forward_is_still_penalised(self):
+        torch.manual_seed(0)
+        model = get_peft_model(_TwoBranches(), DiffPruningConfig(target_modules=["used", "unused"], l0_lambda=0.5))
+        model.train()
+        x, labels = torch.randn(2, 4), torch.tensor([0, 2])
+        loss, _ = model(x, labels=labels)
+        task_loss = nn.functional.cross_entropy(model.base_model.model.used(x), labels)
+        assert loss.item() - task_loss.item() == pytest.approx(model.base_model.l0_penalty().item(), rel=1e-5)
+        loss.backward()
+        unused_alpha = model.base_model.model.unused.diff_pruning_state["default"].weight_alpha
+        assert unused_alpha.grad is not None and (unused_alpha.grad > 0).all()
+
+    def test_a_forward_that_raised_does_not_leak_its_terms(self):
+        case = MODEL_CASES["bert"]
+        model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS"))
+        model.train()
+        batch = case.batch()
+        with pytest.raises(IndexError):  # in the loss, after every layer has recorded its terms
+            model(**{**batch, "labels": batch["labels"] + 10})
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        assert active_penalty_terms() is None
+        with model.disable_adapter():
+            torch.manual_seed(0)
+            task_loss = model(**batch).loss
+        torch.testing.assert_close(loss - task_loss, model.base_model.l0_penalty(), rtol=0, atol=1e-6)
+
+
+def test_scalar_group_logits_of_older_gated_checkpoints_load():
+    """Group logits are (1,) tensors now (fully_shard refuses scalar parameters); 0-d ones, as older gated
+    checkpoints hold, still load."""
+    case = MODEL_CASES["bert"]
+    config = DiffPruningConfig(task_type="SEQ_CLS", structured=True)
+    model = get_peft_model(case.model(), config)
+    state = {k: v.reshape(()) if k.endswith("group_alpha") else v for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: torch.full_like(v, 1.25) if k.endswith("group_alpha") else v for k, v in state.items()}
+    assert any(v.dim() == 0 for v in state.values())
+    set_peft_model_state_dict(model, state)
+    groups = [p for n, p in model.named_parameters() if n.endswith("group_alpha")]
+    assert groups and all(p.shape == (1,) and p.item() == 1.25 for p in groups)
