@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +68,17 @@ def clean(name: str) -> str:
     return name.replace("_fsdp_wrapped_module.", "")
 
 
+def check_ddp() -> None:
+    """DDP holds the whole model on each rank: the same losses and gradients as one process."""
+    batch = MODEL_CASES["bert"].batch()
+    ref = build("bert")
+    ddp = DistributedDataParallel(copy.deepcopy(ref))
+    train_steps(ref, ddp, "ddp", "ddp/bert/gated", batch, steps=2)
+
+
 def full_grads(model, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "ddp":
+        return {n.removeprefix("module."): p.grad for n, p in model.named_parameters() if p.grad is not None}
     if kind == "fsdp1":
         with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
             # FSDP1's flat parameter needs a gradient as a whole, so the frozen base weights get one too
@@ -257,6 +268,7 @@ def main() -> None:
             check_gated(kind, model_name, out_dir)
     check_resume(out_dir)
     check_ties()
+    check_ddp()
     if dist.get_rank() == 0:
         (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
     dist.destroy_process_group()

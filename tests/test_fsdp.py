@@ -72,6 +72,11 @@ def test_training_matches_unsharded(two_ranks, kind, model, stage):
     assert two_ranks[f"{key}/eval"] <= 1e-6
 
 
+def test_ddp_matches_one_process(two_ranks):
+    assert two_ranks["ddp/bert/gated/loss"] <= 1e-6
+    assert two_ranks["ddp/bert/gated/grads"] <= 1e-5
+
+
 @pytest.mark.parametrize(("kind", "model"), KINDS_AND_MODELS)
 def test_penalty_outside_forward_is_global(two_ranks, kind, model):
     # l0_penalty() of the sharded model sums its shards over the ranks: about 6 here, equal to float precision

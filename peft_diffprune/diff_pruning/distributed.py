@@ -138,13 +138,14 @@ def sharded_top_entries(
     """The `budgets[g]` largest-magnitude entries of each group `groups[g]` of FSDP2-sharded diffs, as
     `(positions, values)` per diff, the same on every rank and the same as ranking the whole tensors on one device.
 
-    `diffs` are `DTensor`s sharded on dim 0, or whole tensors (the same on every rank). A group's entries are ranked in the order of its tensors, flat, and
-    ties at the threshold go to the lowest positions (`top_positions`, the one-device rule). Each rank ranks only
-    its own entries and sends its `budget` best (magnitude, position, value) per group; one all-gather of these
-    candidates gives every rank all of them, and the global top of a group is always among its candidates (an
-    entry beaten by fewer than `budget` others in the group is beaten by fewer on its own rank). Per rank this
-    holds the local magnitudes of one group (4 bytes per local entry) and `world_size * budget` candidates
-    (16 bytes each); no tensor is gathered.
+    `diffs` are `DTensor`s sharded on dim 0, or whole tensors (the same on every rank). A group's entries are
+    ranked in the order of its tensors, flat, and ties at the threshold go to the lowest positions
+    (`top_positions`, the one-device rule). Each rank ranks only its own entries and sends its `budget` best
+    (magnitude, position, value) per group; one all-gather of these candidates gives every rank all of them, and
+    the global top of a group is always among its candidates (an entry beaten by fewer than `budget` others in the
+    group is beaten by fewer on its own rank). Per rank this holds a flat fp32 copy of its entries of one group and
+    their magnitudes (8 bytes per local entry) and `world_size * budget` candidates (16 bytes each); no tensor is
+    gathered.
     """
     group = shard_group(diffs)
     world = dist.get_world_size(group)
@@ -157,19 +158,20 @@ def sharded_top_entries(
             offsets.append(offsets[-1] + sizes[index])
         local = [local_part(diffs[i]) for i in members]
         flat = torch.cat([part.float() for part, _ in local])
-        # global position (within the group) of every local entry
-        starts = torch.cat(
-            [
-                torch.arange(part.numel(), device=device) + offset + start
-                for (part, start), offset in zip(local, offsets, strict=True)
-            ]
+        chosen = top_positions(flat.abs(), min(budget, flat.numel()))
+        # the global position (within the group) of each chosen entry, from the local part it lies in
+        bounds = torch.tensor([0] + [part.numel() for part, _ in local], device=device).cumsum(0)
+        part_of = torch.searchsorted(bounds, chosen, right=True) - 1
+        first = torch.tensor(
+            [offset + start for (_, start), offset in zip(local, offsets, strict=True)], device=device
         )
-        mags = flat.abs()
-        chosen = top_positions(mags, min(budget, mags.numel()))
         padding = budget - chosen.numel()  # a rank with fewer entries than the budget pads with never-kept rows
-        magnitudes.append(torch.cat([mags[chosen], torch.full((padding,), -1.0, device=device)]))
-        positions.append(torch.cat([starts[chosen], torch.full((padding,), -1, dtype=torch.int64, device=device)]))
-        values.append(torch.cat([flat[chosen], torch.zeros(padding, device=device)]))
+        kept = flat[chosen]
+        magnitudes.append(torch.cat([kept.abs(), torch.full((padding,), -1.0, device=device)]))
+        where = first[part_of] + chosen - bounds[part_of]
+        positions.append(torch.cat([where, torch.full((padding,), -1, dtype=torch.int64, device=device)]))
+        values.append(torch.cat([kept, torch.zeros(padding, device=device)]))
+        del flat
     packed = [torch.cat(t) for t in (magnitudes, positions, values)]
     gathered = []
     for tensor in packed:
