@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .gates import L0Weights, accumulate_grad, gate_grads, penalty_backward, penalty_forward, sampled_delta
+from .gates import L0Weights, gate_grads, penalty_backward, penalty_forward, sampled_delta
 
 
 def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
@@ -141,11 +141,9 @@ class _GatedDiffLinear(torch.autograd.Function):
         for offset, grad_penalty, state in zip((0, 4), grad_penalties, ctx.penalty_state, strict=True):
             if state is None:
                 continue
-            grad_alpha, grad_group_alpha = penalty_backward(
-                grad_penalty, diffs[offset + 1], diffs[offset + 3], ctx.stretch, ctx.weights, *state
+            grads[offset + 1], grads[offset + 3] = penalty_backward(
+                grad_penalty, diffs[offset + 1], diffs[offset + 3], ctx.stretch, ctx.weights, *state, grads[offset + 1]
             )
-            grads[offset + 1] = accumulate_grad(grads[offset + 1], grad_alpha)
-            grads[offset + 3] = grad_group_alpha
         return grad_x, None, None, None, None, *grads
 
 

@@ -128,8 +128,9 @@ def combine_penalty(elements: torch.Tensor, group: torch.Tensor | None, weights:
     return weights.l0_lambda * group * elements
 
 
-def penalty_backward(grad, alpha, group_alpha, stretch, weights: L0Weights, elements, group):
-    """Gradients of the penalty of one tensor with respect to `alpha` and `group_alpha`, given the incoming `grad`.
+def penalty_backward(grad, alpha, group_alpha, stretch, weights: L0Weights, elements, group, grad_alpha=None):
+    """Gradients of the penalty of one tensor with respect to `alpha` (added into `grad_alpha` if given) and
+    `group_alpha`, given the incoming `grad`.
 
     Product form: the element logits get `l0_lambda * P(z^j != 0) * s'(alpha)` and the group logit
     `group_l0_lambda * sum_i P(z_i != 0) * s'(alpha^j)`; sum form: `l0_lambda * s'(alpha)` and
@@ -139,23 +140,32 @@ def penalty_backward(grad, alpha, group_alpha, stretch, weights: L0Weights, elem
     scale = grad.float() * weights.l0_lambda
     if group is not None and weights.group_penalty != "sum":
         scale = scale * group
-    s = _shifted_sigmoid(alpha, shift)
-    # one fused pass: scale * s * (1 - s)
-    grad_alpha = torch.ops.aten.sigmoid_backward(scale.to(s.dtype).expand_as(s), s)
+    grad_alpha = torch.zeros_like(alpha) if grad_alpha is None else grad_alpha
+    _add_sigmoid_derivative(grad_alpha, alpha, shift, scale)
     grad_group = None
     if group_alpha is not None:
         group_scale = grad.float() * weights.group_l0_lambda
         if weights.group_penalty != "sum":
             group_scale = group_scale * elements
-        s_group = _shifted_sigmoid(group_alpha, shift)
-        grad_group = torch.ops.aten.sigmoid_backward(group_scale.to(s_group.dtype).expand_as(s_group), s_group)
+        grad_group = _add_sigmoid_derivative(torch.zeros_like(group_alpha), group_alpha, shift, group_scale)
     return grad_alpha, grad_group
 
 
-def accumulate_grad(grad: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
-    if extra is None:
-        return grad
-    return extra if grad is None else grad.add_(extra.to(grad.dtype))
+#: Entries per pass of the penalty's backward: bounds its temporaries, whatever the size of the tensor.
+PENALTY_CHUNK = 1 << 20
+
+
+def _add_sigmoid_derivative(into: torch.Tensor, alpha: torch.Tensor, shift: float, scale: torch.Tensor):
+    """`into += scale * s (1 - s)` with `s = sigmoid(alpha - shift)`, a chunk at a time: in a module's backward,
+    next to its task gradients, two temporaries the size of the largest tensor (the embedding table) would
+    otherwise be alive at once. `into` is contiguous (a fresh gradient)."""
+    flat_into, flat_alpha = into.view(-1), alpha.reshape(-1)
+    for start in range(0, flat_alpha.numel(), PENALTY_CHUNK):
+        s = _shifted_sigmoid(flat_alpha[start : start + PENALTY_CHUNK], shift)
+        # one fused pass: scale * s * (1 - s)
+        derivative = torch.ops.aten.sigmoid_backward(scale.to(s.dtype).expand_as(s), s)
+        flat_into[start : start + PENALTY_CHUNK].add_(derivative.to(into.dtype))
+    return into
 
 
 class _TensorPenalty(torch.autograd.Function):
@@ -222,10 +232,9 @@ class _HardConcreteDelta(torch.autograd.Function):
                 grad_alpha = torch.zeros_like(alpha, dtype=grad_alpha.dtype).index_copy_(0, rows, grad_alpha)
         grad_group_alpha = None
         if ctx.weights is not None:
-            extra_alpha, grad_group_alpha = penalty_backward(
-                grad_penalty, alpha, group_alpha, ctx.stretch, ctx.weights, ctx.elements, ctx.group
+            grad_alpha, grad_group_alpha = penalty_backward(
+                grad_penalty, alpha, group_alpha, ctx.stretch, ctx.weights, ctx.elements, ctx.group, grad_alpha
             )
-            grad_alpha = accumulate_grad(grad_alpha, extra_alpha)
         return grad_w, grad_alpha, grad_group, None, None, grad_group_alpha, None
 
 
