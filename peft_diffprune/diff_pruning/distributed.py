@@ -18,6 +18,16 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from .gates import L0Weights, combine_penalty, l0_shift
 
 
+def is_fsdp1_parameter(tensor: torch.Tensor) -> bool:
+    """Whether FSDP1 manages `tensor` (it marks the original parameters it flattens)."""
+    return getattr(tensor, "_fsdp_flattened", False)
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is an FSDP shard: an FSDP2 `DTensor`, or a parameter FSDP1 manages."""
+    return isinstance(tensor, DTensor) or is_fsdp1_parameter(tensor)
+
+
 def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's entries of a tensor of a sharded model, flat, and the flat position of the first: the local
     shard of an FSDP2 `DTensor`; FSDP1's flat view of this rank's part (its position is not needed here: 0); a
@@ -26,7 +36,7 @@ def local_part(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if isinstance(tensor, DTensor):
         return tensor.to_local().reshape(-1), local_start(tensor)
-    if getattr(tensor, "_fsdp_flattened", False) or dist.get_rank() == 0:
+    if is_fsdp1_parameter(tensor) or dist.get_rank() == 0:
         return tensor.reshape(-1), 0
     return tensor.reshape(-1)[:0], 0
 

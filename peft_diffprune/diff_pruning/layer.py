@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from .config import DiffPruningConfig
+from .distributed import is_shard
 from .encoding import decode_positions, encode_positions, encoded_size
 from .functional import gated_diff_linear, sparse_diff_linear
 from .gates import L0Weights, deterministic_gate, hard_concrete_delta_and_penalty, sample_group_gate
@@ -90,12 +90,7 @@ def call_with_parameters(module: nn.Module, params: dict[str, torch.Tensor], arg
                 attributes[name] = attribute
 
 
-def is_shard(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is an FSDP shard: an FSDP2 `DTensor`, or a parameter FSDP1 manages (it marks them)."""
-    return isinstance(tensor, DTensor) or getattr(tensor, "_fsdp_flattened", False)
-
-
-def _is_sharded() -> bool:
+def _multi_rank() -> bool:
     return (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
@@ -365,7 +360,7 @@ class DiffPruningLayer(BaseTunerLayer):
             )
         # Under FSDP the cache would keep a gathered copy of every layer alive between batches (and FSDP1 hands
         # out fresh views each forward, so it would miss anyway): rebuild instead.
-        cacheable = not self.training and not torch.is_grad_enabled() and not _is_sharded()
+        cacheable = not self.training and not torch.is_grad_enabled() and not _multi_rank()
         if cacheable:
             # the deterministic gate does not change between eval batches: rebuild only when a tensor changed
             tensors = [base_params[n] for n in names] + [

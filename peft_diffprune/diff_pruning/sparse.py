@@ -11,7 +11,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import DiffPruningConfig
-from .distributed import sharded_top_entries
+from .distributed import is_fsdp1_parameter, sharded_top_entries
 from .fingerprint import base_fingerprint
 from .gates import deterministic_gate
 from .layer import DiffState
@@ -182,9 +182,7 @@ def project_to_sparsity(
     if not entries:
         raise ValueError(f"Adapter {adapter_name!r} has no diff to project.")
     states = [state for _, _, state, _, _ in entries]
-    if any(
-        getattr(t, "_fsdp_flattened", False) for state in states for n in state.tensor_names for t in state.tensors(n)
-    ):
+    if any(is_fsdp1_parameter(t) for state in states for n in state.tensor_names for t in state.tensors(n)):
         # switching layers to the sparse state inside FSDP1's flat parameters would break its state dict
         raise ValueError(
             "project_to_sparsity cannot change a model wrapped in FSDP1 (FullyShardedDataParallel). Load its adapter "
