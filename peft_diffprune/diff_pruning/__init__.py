@@ -1,4 +1,5 @@
 from .config import DiffPruningConfig
+from .distributed import gather_adapter_state_dict
 from .gates import deterministic_gate, hard_concrete_delta
 from .model import DiffPruningModel, expected_l0, get_tuner
 from .sparse import SparsityReport, from_finetuned, project_to_sparsity, sparsity_report
@@ -11,6 +12,7 @@ __all__ = [
     "deterministic_gate",
     "expected_l0",
     "from_finetuned",
+    "gather_adapter_state_dict",
     "get_tuner",
     "hard_concrete_delta",
     "project_to_sparsity",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .distributed import flat_entries
 from .layer import DiffPruningLayer
 
 
@@ -29,12 +30,11 @@ def _fingerprint_parts(tuner: DiffPruningModel, tensor_names: list[str]) -> tupl
         module = tuner.model.get_submodule(module_name)
         if isinstance(module, DiffPruningLayer):
             module = module.get_base_layer()
-        flat = getattr(module, param_name).detach().reshape(-1)
-        structure.update(f"{key}|{flat.numel()}|".encode())
+        tensor = getattr(module, param_name).detach()
+        structure.update(f"{key}|{tensor.numel()}|".encode())
         # float64: float32 positions run past the end of tensors with more than 2^24 entries
-        positions = torch.linspace(0, flat.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).long()
-        positions = positions.to(flat.device)
-        samples.append(flat[positions].cpu())
+        positions = torch.linspace(0, tensor.numel() - 1, FINGERPRINT_SAMPLES, dtype=torch.float64).long()
+        samples.append(flat_entries(tensor, positions.to(tensor.device)).cpu())
     return structure.hexdigest()[:32], samples
 
 

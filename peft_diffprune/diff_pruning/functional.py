@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .gates import gate_grads, sampled_delta
+from .gates import L0Weights, gate_grads, penalty_backward, penalty_forward, sampled_delta
 
 
 def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
@@ -84,30 +84,47 @@ def sparse_diff_linear(
 
 
 class _GatedDiffLinear(torch.autograd.Function):
-    """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates.
+    """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates,
+    and the expected-L0 penalties of the weight's and the bias's gates.
 
     Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
-    Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha` and group gate `g` (`None`
-    for unstructured diffs; all three `None` for a bias without a diff). No gradient reaches `W` and `b`. The diff
-    may have another dtype than `W` (fp32 diffs on a bf16 base): it is rounded to `W`'s dtype and added, as
-    `DiffState.apply` does.
+    Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha`, group gate `g` and group
+    logit `alpha^j` (`None` for unstructured diffs; all four `None` for a bias without a diff). No gradient reaches
+    `W` and `b`. The diff may have another dtype than `W` (fp32 diffs on a bf16 base): it is rounded to `W`'s dtype
+    and added, as `DiffState.apply` does. The penalties are outputs of this node (constant 0 when `weights` is
+    None), so that their gradient is computed in the module's own backward call, while FSDP has its parameters
+    gathered (see gates.py).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stretch, w_weight, alpha_weight, group_weight, w_bias, alpha_bias, group_bias):
+    def forward(ctx, x, weight, bias, stretch, weights, *diffs):
+        w_weight, alpha_weight, group_weight, group_alpha_weight, w_bias, alpha_bias, group_bias, group_alpha_bias = (
+            diffs
+        )
         z_weight, delta_weight = sampled_delta(w_weight, alpha_weight, group_weight, stretch)
         adapted_bias = bias
         z_bias = None
         if w_bias is not None:
             z_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
             adapted_bias = bias + delta_bias.to(bias.dtype)
-        ctx.stretch = stretch
-        ctx.save_for_backward(x, weight, w_weight, group_weight, z_weight, w_bias, group_bias, z_bias)
-        return F.linear(x, delta_weight.to(weight.dtype).add_(weight), adapted_bias)
+        penalties, ctx.penalty_state = [], []
+        for alpha, group_alpha in ((alpha_weight, group_alpha_weight), (alpha_bias, group_alpha_bias)):
+            if weights is None or alpha is None:
+                penalty = torch.zeros((), dtype=torch.float32, device=x.device)
+                ctx.mark_non_differentiable(penalty)
+                ctx.penalty_state.append(None)
+            else:
+                penalty, elements, group = penalty_forward(alpha, group_alpha, stretch, weights)
+                ctx.penalty_state.append((elements, group))
+            penalties.append(penalty)
+        ctx.stretch, ctx.weights = stretch, weights
+        ctx.save_for_backward(x, weight, z_weight, z_bias, *diffs)
+        return F.linear(x, delta_weight.to(weight.dtype).add_(weight), adapted_bias), *penalties
 
     @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, w_weight, group_weight, z_weight, w_bias, group_bias, z_bias = ctx.saved_tensors
+    def backward(ctx, grad_out, *grad_penalties):
+        x, weight, z_weight, z_bias, *diffs = ctx.saved_tensors
+        w_weight, _, group_weight, _, w_bias, _, group_bias, _ = diffs
         needs = ctx.needs_input_grad
         grad_x = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
@@ -118,16 +135,28 @@ class _GatedDiffLinear(torch.autograd.Function):
             grad_x = grad_out @ adapted_weight.to(weight.dtype).add_(weight)
             del adapted_weight
         weight_grads = bias_grads = (None, None, None)
-        if any(needs[4:7]):
+        if any(needs[5:8]):
             grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-            weight_grads = gate_grads(grad_weight, w_weight, group_weight, z_weight, ctx.stretch, *needs[4:7])
-        if w_bias is not None and any(needs[7:10]):
-            bias_grads = gate_grads(grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, *needs[7:10])
-        return grad_x, None, None, None, *weight_grads, *bias_grads
+            weight_grads = gate_grads(grad_weight, w_weight, group_weight, z_weight, ctx.stretch, *needs[5:8])
+        if w_bias is not None and any(needs[9:12]):
+            bias_grads = gate_grads(grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, *needs[9:12])
+        grads = [*weight_grads, None, *bias_grads, None]
+        for offset, grad_penalty, state in zip((0, 4), grad_penalties, ctx.penalty_state, strict=True):
+            if state is None:
+                continue
+            grads[offset + 1], grads[offset + 3] = penalty_backward(
+                grad_penalty, diffs[offset + 1], diffs[offset + 3], ctx.stretch, ctx.weights, *state, grads[offset + 1]
+            )
+        return grad_x, None, None, None, None, *grads
 
 
-def gated_diff_linear(x, weight, bias, stretch, weight_diff, bias_diff) -> torch.Tensor:
-    """Linear layer in the gated stage: `weight_diff` and `bias_diff` are `(w, alpha, group_gate or None)` (or None
-    for an ungated bias); the gates are sampled afresh, and gradients reach `w`, `alpha` and the group gate."""
-    bias_diff = bias_diff or (None, None, None)
-    return _GatedDiffLinear.apply(x, weight, bias, stretch, *weight_diff, *bias_diff)
+def gated_diff_linear(x, weight, bias, stretch, weight_diff, bias_diff, weights: L0Weights | None = None):
+    """Linear layer in the gated stage: `weight_diff` and `bias_diff` are `(w, alpha, group_gate, group_alpha)`
+    (the last two None without groups; `bias_diff` None for an ungated bias); the gates are sampled afresh, and
+    gradients reach `w`, `alpha` and the group gate.
+
+    Returns `(output, weight_penalty, bias_penalty)`: the expected-L0 penalties of the two tensors under `weights`
+    (see [`~gates.tensor_penalty`]; constant zeros when `weights` is None).
+    """
+    bias_diff = bias_diff or (None, None, None, None)
+    return _GatedDiffLinear.apply(x, weight, bias, stretch, weights, *weight_diff, *bias_diff)

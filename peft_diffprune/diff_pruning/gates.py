@@ -16,6 +16,7 @@ parameters' dtype. Only the sampled gate kept for backward is stored in the diff
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -113,22 +114,170 @@ def sampled_delta(w: torch.Tensor, alpha: torch.Tensor, group: torch.Tensor | No
         return z, (delta if group is None else delta.mul_(group))
 
 
+@dataclass(frozen=True)
+class L0Weights:
+    """How one adapter's expected L0 enters the loss (see [`tensor_penalty`]).
+
+    `l0_lambda` weights the element gates and `group_l0_lambda` the group gate of structured diff pruning;
+    `group_penalty` is `"product"` (the paper's form) or `"sum"` (the authors' code).
+    """
+
+    l0_lambda: float
+    group_l0_lambda: float
+    group_penalty: str = "product"
+
+
+def _open_sum(alpha: torch.Tensor, shift: float) -> torch.Tensor:
+    """`sum_i sigmoid(alpha_i - shift)` in fp32, by blocks of `L0_BLOCK` entries whatever the dtype of `alpha`: a
+    bf16 sum of millions of probabilities near 1 would stop growing, and bf16 sigmoids near 1 are rounded by up to
+    0.2% each."""
+    total = torch.zeros((), dtype=torch.float32, device=alpha.device)
+    for block in alpha.reshape(-1).split(L0_BLOCK):
+        total += _shifted_sigmoid(upcast(block), shift).sum(dtype=torch.float32)
+    return total
+
+
+def penalty_forward(alpha, group_alpha, stretch, weights: L0Weights):
+    """The penalty of one tensor, `(value, elements, group)`, without autograd: `elements = sum_i P(z_i != 0)` and
+    `group = P(z^j != 0)` (None without a group gate) are kept for [`penalty_backward`]."""
+    shift = l0_shift(stretch)
+    with torch.no_grad():
+        elements = _open_sum(alpha, shift)
+        group = None if group_alpha is None else _open_sum(group_alpha, shift)
+        return combine_penalty(elements, group, weights), elements, group
+
+
+def combine_penalty(elements: torch.Tensor, group: torch.Tensor | None, weights: L0Weights) -> torch.Tensor:
+    """The penalty of one tensor from `elements = sum_i P(z_i != 0)` and `group = P(z^j != 0)` (None: no group)."""
+    if group is None:
+        return weights.l0_lambda * elements
+    if weights.group_penalty == "sum":
+        return weights.l0_lambda * elements + weights.group_l0_lambda * group
+    return weights.l0_lambda * group * elements
+
+
+def penalty_backward(grad, alpha, group_alpha, stretch, weights: L0Weights, elements, group, grad_alpha=None):
+    """Gradients of the penalty of one tensor with respect to `alpha` (added into `grad_alpha` if given) and
+    `group_alpha`, given the incoming `grad`.
+
+    Product form: the element logits get `l0_lambda * P(z^j != 0) * s'(alpha)` and the group logit
+    `group_l0_lambda * sum_i P(z_i != 0) * s'(alpha^j)`; sum form: `l0_lambda * s'(alpha)` and
+    `group_l0_lambda * s'(alpha^j)`.
+    """
+    shift = l0_shift(stretch)
+    scale = grad.float() * weights.l0_lambda
+    if group is not None and weights.group_penalty != "sum":
+        scale = scale * group
+    grad_alpha = torch.zeros_like(alpha) if grad_alpha is None else grad_alpha
+    _add_sigmoid_derivative(grad_alpha, alpha, shift, scale)
+    grad_group = None
+    if group_alpha is not None:
+        group_scale = grad.float() * weights.group_l0_lambda
+        if weights.group_penalty != "sum":
+            group_scale = group_scale * elements
+        grad_group = _add_sigmoid_derivative(torch.zeros_like(group_alpha), group_alpha, shift, group_scale)
+    return grad_alpha, grad_group
+
+
+#: Entries per pass of the penalty's backward: bounds its temporaries, whatever the size of the tensor.
+PENALTY_CHUNK = 1 << 20
+
+
+def _add_sigmoid_derivative(into: torch.Tensor, alpha: torch.Tensor, shift: float, scale: torch.Tensor):
+    """`into += scale * s (1 - s)` with `s = sigmoid(alpha - shift)`, a chunk at a time: in a module's backward,
+    next to its task gradients, two temporaries the size of the largest tensor (the embedding table) would
+    otherwise be alive at once. `into` is contiguous (a fresh gradient)."""
+    flat_into, flat_alpha = into.view(-1), alpha.reshape(-1)
+    for start in range(0, flat_alpha.numel(), PENALTY_CHUNK):
+        s = _shifted_sigmoid(upcast(flat_alpha[start : start + PENALTY_CHUNK]), shift)
+        # one fused pass: scale * s * (1 - s)
+        derivative = torch.ops.aten.sigmoid_backward(scale.to(s.dtype).expand_as(s), s)
+        flat_into[start : start + PENALTY_CHUNK].add_(derivative.to(into.dtype))
+    return into
+
+
+class _TensorPenalty(torch.autograd.Function):
+    """The penalty of one tensor as its own autograd node (for [`tensor_penalty`], outside a forward pass)."""
+
+    @staticmethod
+    def forward(ctx, alpha, group_alpha, stretch, weights):
+        value, ctx.elements, ctx.group = penalty_forward(alpha, group_alpha, stretch, weights)
+        ctx.stretch, ctx.weights = stretch, weights
+        ctx.save_for_backward(alpha, group_alpha)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        alpha, group_alpha = ctx.saved_tensors
+        grads = penalty_backward(grad, alpha, group_alpha, ctx.stretch, ctx.weights, ctx.elements, ctx.group)
+        return *grads, None, None
+
+
+def tensor_penalty(
+    alpha: torch.Tensor, stretch: tuple[float, float], weights: L0Weights, group_alpha: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The expected-L0 penalty of one gated tensor, a differentiable 0-d fp32 tensor.
+
+    `l0_lambda * sum_i sigmoid(alpha_i - log(-l / r))`; with a group logit `alpha^j` (structured diff pruning) the
+    product form multiplies this by `sigmoid(alpha^j - log(-l / r))` (its gradient reaching `alpha^j` scaled by
+    `group_l0_lambda` instead of `l0_lambda`), and the sum form adds `group_l0_lambda * sigmoid(alpha^j - ...)`.
+    """
+    return _TensorPenalty.apply(alpha, group_alpha, stretch, weights)
+
+
 class _HardConcreteDelta(torch.autograd.Function):
-    """`delta = z * w * group` with `z ~ HardConcrete(alpha)`; saves only `z` (and the inputs) for backward."""
+    """`delta = z * w * group` with `z ~ HardConcrete(alpha)`, only at `rows` if given, and the tensor's penalty.
+
+    Saves only `z` (and the inputs) for backward. The penalty (over all of `alpha`, see [`tensor_penalty`]) is a
+    second output of the same node, so its gradient is computed in the same backward call as the task gradient:
+    under FSDP that is while the module's parameters are gathered. With `weights=None` it is a constant 0.
+    """
 
     @staticmethod
-    def forward(ctx, w, alpha, group, stretch):
-        z, delta = sampled_delta(w, alpha, group, stretch)
-        ctx.stretch = stretch
-        ctx.save_for_backward(w, group, z)
-        return delta
+    def forward(ctx, w, alpha, group, stretch, rows, group_alpha, weights):
+        used_w, used_alpha = (w, alpha) if rows is None else (w[rows], alpha[rows])
+        z, delta = sampled_delta(used_w, used_alpha, group, stretch)
+        if weights is None:
+            penalty = torch.zeros((), dtype=torch.float32, device=alpha.device)
+            ctx.mark_non_differentiable(penalty)
+            ctx.elements = ctx.group = None
+        else:
+            penalty, ctx.elements, ctx.group = penalty_forward(alpha, group_alpha, stretch, weights)
+        ctx.stretch, ctx.weights = stretch, weights
+        ctx.save_for_backward(used_w, group, z, rows, alpha, group_alpha)
+        return delta, penalty
 
     @staticmethod
-    def backward(ctx, grad_delta):
-        w, group, z = ctx.saved_tensors
+    def backward(ctx, grad_delta, grad_penalty):
+        w, group, z, rows, alpha, group_alpha = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads = gate_grads(grad_delta.clone(), w, group, z, ctx.stretch, needs[0], needs[1], needs[2])
-        return (*grads, None)
+        grad_w, grad_alpha, grad_group = gate_grads(grad_delta.clone(), w, group, z, ctx.stretch, *needs[:3])
+        if rows is not None:
+            grad_w = (
+                None if grad_w is None else torch.zeros_like(alpha, dtype=grad_w.dtype).index_copy_(0, rows, grad_w)
+            )
+            if grad_alpha is not None:
+                grad_alpha = torch.zeros_like(alpha, dtype=grad_alpha.dtype).index_copy_(0, rows, grad_alpha)
+        grad_group_alpha = None
+        if ctx.weights is not None:
+            grad_alpha, grad_group_alpha = penalty_backward(
+                grad_penalty, alpha, group_alpha, ctx.stretch, ctx.weights, ctx.elements, ctx.group, grad_alpha
+            )
+        return grad_w, grad_alpha, grad_group, None, None, grad_group_alpha, None
+
+
+def hard_concrete_delta_and_penalty(
+    w: torch.Tensor,
+    alpha: torch.Tensor,
+    stretch: tuple[float, float],
+    group_gate: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    group_alpha: torch.Tensor | None = None,
+    weights: L0Weights | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[`hard_concrete_delta`] at `rows` of `w` and `alpha` (all rows if None), and the tensor's penalty under
+    `weights` (a constant 0 if None) from the same autograd node; `group_alpha` is the group gate's logit."""
+    return _HardConcreteDelta.apply(w, alpha, group_gate, stretch, rows, group_alpha, weights)
 
 
 def hard_concrete_delta(
@@ -144,46 +293,15 @@ def hard_concrete_delta(
         w: the dense diff, any shape.
         alpha: gate logits, same shape as `w`.
         stretch: `(l, r)`.
-        group_gate: optional 0-d gate `z^j` of the tensor's group (structured diff pruning).
+        group_gate: optional gate `z^j` of the tensor's group (structured diff pruning), broadcast against `w`.
     """
-    return _HardConcreteDelta.apply(w, alpha, group_gate, stretch)
+    return hard_concrete_delta_and_penalty(w, alpha, stretch, group_gate)[0]
 
 
 def sample_group_gate(group_alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
     """Hard-concrete sample of a (small) tensor of group logits, with ordinary autograd."""
     noise = torch.rand_like(group_alpha, dtype=torch.float32)
     return sample_gate_from_noise(group_alpha, noise, stretch)
-
-
-class _SigmoidSum(torch.autograd.Function):
-    """`sum(sigmoid(alpha - shift))` without keeping the sigmoid output for backward.
-
-    Summed in fp32 by blocks of `L0_BLOCK` entries whatever the dtype of `alpha`: a bf16 sum of millions of
-    probabilities near 1 would stop growing, and bf16 sigmoids near 1 are rounded by up to 0.2% each.
-    """
-
-    @staticmethod
-    def forward(ctx, alpha, shift):
-        ctx.shift = shift
-        ctx.save_for_backward(alpha)
-        total = torch.zeros((), dtype=torch.promote_types(alpha.dtype, torch.float32), device=alpha.device)
-        for block in alpha.reshape(-1).split(L0_BLOCK):
-            total += _shifted_sigmoid(upcast(block), shift).sum()
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        (alpha,) = ctx.saved_tensors
-        grad = upcast(grad)
-        if alpha.dtype == grad.dtype:
-            s = _shifted_sigmoid(alpha, ctx.shift)
-            # one fused pass: grad * s * (1 - s)
-            return torch.ops.aten.sigmoid_backward(grad.expand_as(s), s), None
-        grad_alpha = torch.empty(alpha.shape, dtype=alpha.dtype, device=alpha.device)
-        for out, block in zip(grad_alpha.view(-1).split(L0_BLOCK), alpha.reshape(-1).split(L0_BLOCK), strict=True):
-            s = _shifted_sigmoid(upcast(block), ctx.shift)
-            out.copy_(torch.ops.aten.sigmoid_backward(grad.expand_as(s), s))
-        return grad_alpha, None
 
 
 def _shifted_sigmoid(alpha: torch.Tensor, shift: float) -> torch.Tensor:
@@ -197,11 +315,7 @@ def expected_l0(alpha: torch.Tensor, stretch: tuple[float, float], group_alpha: 
     group's open probability: `sigmoid(alpha^j - log(-l / r)) * sum_i sigmoid(alpha_i - log(-l / r))`.
     Returns a 0-d fp32 tensor, differentiable in `alpha` (and `group_alpha`).
     """
-    shift = l0_shift(stretch)
-    total = _SigmoidSum.apply(alpha, shift)
-    if group_alpha is not None:
-        total = total * torch.sigmoid(group_alpha.float() - shift).sum()
-    return total
+    return tensor_penalty(alpha, stretch, L0Weights(1.0, 1.0), group_alpha)
 
 
 def prob_gate_zero(alpha: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:

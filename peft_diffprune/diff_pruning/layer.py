@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any
 
@@ -8,17 +9,98 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
-from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from .config import DiffPruningConfig
+from .distributed import is_shard
 from .encoding import decode_positions, encode_positions, encoded_size
 from .functional import gated_diff_linear, sparse_diff_linear
-from .gates import deterministic_gate, hard_concrete_delta, sample_group_gate
+from .gates import L0Weights, deterministic_gate, hard_concrete_delta_and_penalty, sample_group_gate
 
 
 #: Standard deviation of the random diff drawn with `init_weights=False`.
 RANDOM_DIFF_STD = 0.02
+
+_MISSING = object()
+
+
+class PenaltyTerms:
+    """The expected-L0 penalty terms that the gated layers compute during one training forward of a model.
+
+    The model's forward pre-hook opens it with the weights of every gated diff state of an active adapter; each
+    layer that samples a tensor's gates records that tensor's penalty, an output of the gate's own autograd node,
+    and the forward hook adds them to the loss (see `DiffPruningModel._add_l0_penalty`).
+    """
+
+    def __init__(self, owner: int, states: dict[str, list[DiffState]], weights: dict[str, L0Weights]):
+        self.owner = owner
+        self.states = states  # adapter name -> its gated diff states, in module order
+        self.weights = {id(state): weights[name] for name, group in states.items() for state in group}
+        self.terms: dict[tuple[int, str], torch.Tensor] = {}
+
+    def record(self, state: DiffState, name: str, term: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():
+            # the no-grad first pass of a reentrant checkpointed segment: its recomputation runs in backward, after
+            # the loss was formed, so this tensor's penalty gets its own node instead (see `_state_penalty`)
+            return
+        # a module called twice in one forward (shared layers, a tied LM head) is penalised once, as outside it
+        self.terms.setdefault((id(state), name), term)
+
+
+_collecting = threading.local()
+
+
+def open_penalty_terms(terms: PenaltyTerms) -> None:
+    """Make `terms` the collection that gated layers record into, until [`close_penalty_terms`] of its owner.
+
+    Entries left by an earlier forward of the same owner that raised are dropped: a forward hook does not run
+    after an exception.
+    """
+    stack = [t for t in getattr(_collecting, "stack", []) if t.owner != terms.owner]
+    _collecting.stack = [*stack, terms]
+
+
+def close_penalty_terms(owner: int) -> PenaltyTerms | None:
+    stack = getattr(_collecting, "stack", [])
+    mine = [t for t in stack if t.owner == owner]
+    _collecting.stack = [t for t in stack if t.owner != owner]
+    return mine[-1] if mine else None
+
+
+def active_penalty_terms() -> PenaltyTerms | None:
+    stack = getattr(_collecting, "stack", None)
+    return stack[-1] if stack else None
+
+
+def call_with_parameters(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict):
+    """`module(*args, **kwargs)` with the parameters in `params` replaced (no copies, restored afterwards).
+
+    Like `torch.func.functional_call` for a module without children, but it also replaces an instance attribute
+    that shadows the registered parameter: FSDP1 with `use_orig_params=True` puts plain-tensor views of its flat
+    parameter both into `_parameters` and into the instance `__dict__` during forward, and swapping `_parameters`
+    alone left the module reading the unadapted view (the diffs were silently skipped).
+    """
+    registered, attributes = module._parameters, module.__dict__
+    saved = {name: (registered[name], attributes.get(name, _MISSING)) for name in params}
+    try:
+        for name, value in params.items():
+            registered[name] = value
+            if name in attributes:
+                attributes[name] = value
+        return module(*args, **kwargs)
+    finally:
+        for name, (param, attribute) in saved.items():
+            registered[name] = param
+            if attribute is not _MISSING:
+                attributes[name] = attribute
+
+
+def _multi_rank() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -55,10 +137,16 @@ class DiffState(nn.Module):
         self.stretch = stretch
         self.module_name = module_name
         self.tensor_names: list[str] = []
+        self.outside_fsdp = False  # made by projecting a sharded model (see sparse.py)
         self._decoded: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     def is_sparse(self, name: str) -> bool:
         return hasattr(self, f"{name}_positions")
+
+    def is_sharded(self) -> bool:
+        """Whether this state holds FSDP shards: FSDP2 `DTensor`s, or FSDP1's parameters, which outside forward are
+        flat views of this rank's part of its flat parameter (within `summon_full_params`, whole ones)."""
+        return any(is_shard(t) for name in self.tensor_names for t in self.tensors(name))
 
     def add_gated(self, name: str, base: torch.Tensor, config: DiffPruningConfig) -> None:
         # in the base dtype, as PEFT creates adapter weights: `_cast_adapter_dtype` upcasts bf16 and fp16 to fp32
@@ -70,8 +158,17 @@ class DiffState(nn.Module):
         self.register_parameter(f"{name}_diff", nn.Parameter(diff))
         self.register_parameter(f"{name}_alpha", nn.Parameter(torch.full(base.shape, config.alpha_init, **kwargs)))
         if config.structured:
-            self.register_parameter(f"{name}_group_alpha", nn.Parameter(torch.tensor(config.alpha_init, **kwargs)))
+            # shape (1,), not 0-d: FSDP2 cannot shard scalar parameters
+            self.register_parameter(f"{name}_group_alpha", nn.Parameter(torch.full((1,), config.alpha_init, **kwargs)))
         self.tensor_names.append(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # gated checkpoints written before group logits were 1-d held them as 0-d tensors
+        for name in self.tensor_names:
+            key = f"{prefix}{name}_group_alpha"
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def add_sparse(
         self,
@@ -141,24 +238,52 @@ class DiffState(nn.Module):
             sample_group_gate(group_alpha, self.stretch) if sample else deterministic_gate(group_alpha, self.stretch)
         )
 
-    def gated_delta(self, name: str, sample: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """`z * w` (times the group gate): sampled in training, deterministic in eval; only `rows` if given."""
+    def gate_inputs(self, name: str, group: torch.Tensor | None = None):
+        """`(w, alpha, sampled group gate, group logit)` of a gated tensor (the last two None without groups); the
+        group gate is sampled unless given."""
+        group_alpha = getattr(self, f"{name}_group_alpha", None)
+        diff, alpha = getattr(self, f"{name}_diff"), getattr(self, f"{name}_alpha")
+        return diff, alpha, self.group_gate(name, sample=True) if group is None else group, group_alpha
+
+    def penalty_weights(self) -> L0Weights | None:
+        """How this state's penalty is weighted in the forward being run, or None if no penalty is collected."""
+        terms = active_penalty_terms()
+        return None if terms is None else terms.weights.get(id(self))
+
+    def record_penalty(self, name: str, penalty: torch.Tensor) -> None:
+        active_penalty_terms().record(self, name, penalty)
+
+    def gated_delta(
+        self, name: str, sample: bool, rows: torch.Tensor | None = None, group: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`z * w` (times the group gate): sampled in training, deterministic in eval; only `rows` if given.
+
+        Sampling also records the tensor's expected-L0 penalty (over all rows) when the model collects it; `group`
+        is an already sampled group gate.
+        """
+        if sample:
+            weights = self.penalty_weights()
+            diff, alpha, group, group_alpha = self.gate_inputs(name, group)
+            delta, penalty = hard_concrete_delta_and_penalty(
+                diff, alpha, self.stretch, group, rows, group_alpha, weights
+            )
+            if weights is not None:
+                self.record_penalty(name, penalty)
+            return delta
         diff, alpha = getattr(self, f"{name}_diff"), getattr(self, f"{name}_alpha")
         if rows is not None:
             diff, alpha = diff[rows], alpha[rows]
         group = self.group_gate(name, sample)
-        if sample:
-            return hard_concrete_delta(diff, alpha, self.stretch, group)
         delta = deterministic_gate(alpha, self.stretch) * diff
         return delta if group is None else delta * group
 
-    def apply(self, name: str, base: torch.Tensor, sample: bool) -> torch.Tensor:
-        """`base + delta` for parameter `name`, out of place, in the dtype of `base`."""
+    def apply(self, name: str, base: torch.Tensor, sample: bool, group: torch.Tensor | None = None) -> torch.Tensor:
+        """`base + delta` for parameter `name`, out of place, in the dtype of `base` (`group`: see `gated_delta`)."""
         if self.is_sparse(name):
             positions = self.positions(name, base.numel())
             values = getattr(self, f"{name}_values").to(base.dtype)
             return base.reshape(-1).index_add(0, positions, values).view_as(base)
-        return base + self.gated_delta(name, sample).to(base.dtype)
+        return base + self.gated_delta(name, sample, group=group).to(base.dtype)
 
     def sparse_delta(self, name: str, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The diff as flat `(positions, values)`: the kept entries, or the non-zeros under the deterministic gate."""
@@ -224,7 +349,8 @@ class DiffPruningLayer(BaseTunerLayer):
         """The floating-point parameters of the base module that can carry a diff.
 
         Read from `_parameters` (what `named_parameters(recurse=False)` yields, without its generator machinery: this
-        runs on every forward and twice per layer in a merged task switch).
+        runs on every forward and twice per layer in a merged task switch). Inside an FSDP forward these are the
+        gathered tensors FSDP put there (FSDP1 with `use_orig_params=True`: plain views of its flat parameter).
         """
         params, seen = {}, set()
         for name, param in self.get_base_layer()._parameters.items():
@@ -310,9 +436,16 @@ class DiffPruningLayer(BaseTunerLayer):
         runs the forward under `no_grad` and recomputes it with grad, and both must draw the same gates.
         """
         sample = self.training
-        cacheable = not self.training and not torch.is_grad_enabled()
         base_params = self.base_parameters()
         names = [n for n in base_params if any(n in s.tensor_names for s in states)]
+        if len(names) < len({n for s in states for n in s.tensor_names}):
+            raise RuntimeError(
+                f"The base module of this diff pruning layer has no parameters {sorted(states[0].tensor_names)} in "
+                "its forward: it is wrapped in a way that hides them (FSDP1 needs use_orig_params=True)."
+            )
+        # Under FSDP the cache would keep a gathered copy of every layer alive between batches (and FSDP1 hands
+        # out fresh views each forward, so it would miss anyway): rebuild instead.
+        cacheable = not self.training and not torch.is_grad_enabled() and not _multi_rank()
         if cacheable:
             # the deterministic gate does not change between eval batches: rebuild only when a tensor changed
             tensors = [base_params[n] for n in names] + [
@@ -324,12 +457,15 @@ class DiffPruningLayer(BaseTunerLayer):
                 return self._eval_cache[1]
         else:
             self._eval_cache = None
+        # Each state's group gates are drawn before its element gates, as on the nn.Linear path (functional.py):
+        # the same seed then gives the same gates on both paths (FSDP1 takes this one for linear layers too).
+        groups = [{n: s.group_gate(n, True) for n in s.tensor_names} if sample else {} for s in states]
         params = {}
         for name in names:
             value = base_params[name]
-            for state in states:
+            for state, state_groups in zip(states, groups, strict=True):
                 if name in state.tensor_names:
-                    value = state.apply(name, value, sample)
+                    value = state.apply(name, value, sample, state_groups.get(name))
             params[name] = value
         if cacheable:
             self._eval_cache = (key, params)
@@ -343,11 +479,17 @@ class DiffPruningLayer(BaseTunerLayer):
         states = self._active_states()
         if self.merged or not states:
             return self.base_layer(x, *args, **kwargs)
+        if self.training and any(state.outside_fsdp for state in states):
+            raise RuntimeError(
+                "This adapter was projected to its sparse state on an FSDP-sharded model: its sparse layers are not "
+                "sharded, so training them here would not reduce their gradients over the ranks. Rebuild the model "
+                "in the sparse state and shard it again (see docs/distributed.md)."
+            )
         return self._adapted_forward(states, x, *args, **kwargs)
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         params = self.effective_parameters(states)
-        return functional_call(self.get_base_layer(), params, (x, *args), kwargs)
+        return call_with_parameters(self.get_base_layer(), params, (x, *args), kwargs)
 
     def get_delta_weight(self, adapter_name: str, tensor_name: str = "weight") -> torch.Tensor:
         """The dense diff of one parameter (deterministic gate in the gated state)."""
@@ -470,9 +612,14 @@ class GenericLayer(WrappedModule):
             return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
         gated = x.dtype == base.weight.dtype and "weight" in state.tensor_names
         if training and gated and not any(state.is_sparse(name) for name in state.tensor_names):
-            diffs = {
-                name: (getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha"), state.group_gate(name, True))
-                for name in state.tensor_names
-            }
-            return gated_diff_linear(x, base.weight, base.bias, state.stretch, diffs["weight"], diffs.get("bias"))
+            diffs = {name: state.gate_inputs(name) for name in state.tensor_names}
+            weights = state.penalty_weights()
+            out, *penalties = gated_diff_linear(
+                x, base.weight, base.bias, state.stretch, diffs["weight"], diffs.get("bias"), weights
+            )
+            if weights is not None:
+                for name, penalty in zip(("weight", "bias"), penalties, strict=True):
+                    if name in diffs:
+                        state.record_penalty(name, penalty)
+            return out
         return super()._adapted_forward(states, x, *args, **kwargs)

@@ -7,12 +7,22 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import DiffPruningConfig
+from .distributed import sharded_weighted_l0
 from .fingerprint import fingerprint_matches
-from .gates import expected_l0 as gate_expected_l0
-from .gates import l0_shift
-from .layer import DiffPruningLayer, DiffState, Embedding, GenericLayer, is_supported_module
+from .gates import L0Weights, tensor_penalty
+from .layer import (
+    DiffPruningLayer,
+    DiffState,
+    Embedding,
+    GenericLayer,
+    PenaltyTerms,
+    close_penalty_terms,
+    is_supported_module,
+    open_penalty_terms,
+)
 
 
 def tied_parameters(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
@@ -43,33 +53,26 @@ def _has_parameter(model: nn.Module, key: str) -> bool:
     return isinstance(getattr(module, param_name, None), torch.Tensor)
 
 
-def _state_penalty(state: DiffState, group_penalty: str, l0_lambda: float, group_l0_lambda: float) -> torch.Tensor:
-    """The expected-L0 penalty of one adapter's gated tensors on one module, the group gates weighted apart.
+def _state_penalty(state: DiffState, weights: L0Weights, recorded: PenaltyTerms | None = None) -> torch.Tensor:
+    """The expected-L0 penalty of one adapter's gated tensors on one module (see [`~gates.tensor_penalty`]).
 
-    Product form: the value is `l0_lambda * P(z^j != 0) * sum_i P(z_i != 0)` per tensor; its gradient reaches the
-    element logits scaled by `l0_lambda` and the group logit by `group_l0_lambda` (the same when they are equal).
+    Tensors whose layer recorded a penalty in the forward being run (`recorded`) use that term, the others get
+    their own autograd node.
     """
     total = torch.zeros((), dtype=torch.float32)
     for name in state.tensor_names:
         if state.is_sparse(name):
             continue
-        alpha = getattr(state, f"{name}_alpha")
-        group_alpha = getattr(state, f"{name}_group_alpha", None)
-        elements = gate_expected_l0(alpha, state.stretch)
-        if group_alpha is None:
-            term = l0_lambda * elements
-        elif group_penalty == "sum":
-            term = l0_lambda * elements + group_l0_lambda * gate_expected_l0(group_alpha, state.stretch)
-        else:
-            group = torch.sigmoid(group_alpha.float() - l0_shift(state.stretch))
-            if group_l0_lambda == l0_lambda:
-                term = l0_lambda * group * elements
-            else:
-                # value l0_lambda * group * elements; d/d group scaled by group_l0_lambda instead of l0_lambda
-                term = (
-                    l0_lambda * group.detach() * elements
-                    + group_l0_lambda * (group - group.detach()) * elements.detach()
+        term = None if recorded is None else recorded.terms.get((id(state), name))
+        if term is None:
+            if state.is_sharded():
+                raise RuntimeError(
+                    f"The gates of {state.module_name}.{name} were not sampled in this forward, so their penalty "
+                    "would be computed outside the module's forward, where FSDP has sharded them. Call every "
+                    "wrapped module in forward, or exclude it from target_modules."
                 )
+            alpha, group_alpha = getattr(state, f"{name}_alpha"), getattr(state, f"{name}_group_alpha", None)
+            term = tensor_penalty(alpha, state.stretch, weights, group_alpha)
         total = total.to(term.device) + term
     return total
 
@@ -138,8 +141,26 @@ class DiffPruningModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        if any(isinstance(value, DTensor) for value in state_dict.values()):
+            raise ValueError(
+                "This model is sharded with FSDP2, so its state dict holds shards: pass the gathered adapter state, "
+                "on every rank: get_peft_model_state_dict(model, state_dict=gather_adapter_state_dict(model)), or "
+                "model.save_pretrained(path, state_dict=gather_adapter_state_dict(model), is_main_process=rank == 0)."
+            )
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # PEFT finds the tuner layers by module name and strips FSDP1's `_fsdp_wrapped_module.` only at the start of
+        # it, so under nested FSDP1 units (one per transformer block) it missed every layer inside them; the state
+        # dict FSDP1 returns has clean keys, and all of diff pruning's live under `.diff_pruning_state.`
+        selected.update(
+            {
+                key: value
+                for key, value in state_dict.items()
+                if ".diff_pruning_state." in key
+                and not any(k in key for k in (".modules_to_save.", ".original_module."))
+            }
+        )
         # sparse values are trained in fp32 and saved in the dtype the config asks for
-        state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        state_dict = selected
         values_dtype = getattr(torch, config.values_dtype)
         return {
             key: value.to(values_dtype) if key.endswith("_values") and ".diff_pruning_state." in key else value
@@ -311,59 +332,102 @@ class DiffPruningModel(BaseTuner):
         return {name: m for name, m in self.model.named_modules() if isinstance(m, DiffPruningLayer)}
 
     def expected_l0(self, adapter_name: str | None = None) -> torch.Tensor:
-        """Expected number of non-zero diff entries of an adapter's gated tensors (differentiable, fp32 0-d)."""
-        return self._weighted_l0(adapter_name or self.active_adapters[0], 1.0, 1.0)
+        """Expected number of non-zero diff entries of an adapter's gated tensors (differentiable, fp32 0-d).
+
+        On a model sharded with FSDP (outside its forward) this is the global value, summed over the ranks with
+        an all-reduce, and not differentiable: every rank must call it.
+        """
+        adapter_name = adapter_name or self.active_adapters[0]
+        return self._weighted_l0(adapter_name, L0Weights(1.0, 1.0, self.peft_config[adapter_name].group_penalty))
 
     def l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor:
         """The penalty added to the training loss for an adapter: `l0_lambda * E[L0]`, with the group gates of
-        structured diff pruning weighted by `group_l0_lambda` (see [`DiffPruningConfig`]); differentiable, fp32."""
+        structured diff pruning weighted by `group_l0_lambda` (see [`DiffPruningConfig`]); differentiable, fp32.
+        Sharded with FSDP, the global value from every rank (see [`expected_l0`])."""
         adapter_name = adapter_name or self.active_adapters[0]
+        weights = self._l0_weights(adapter_name)
+        if weights is None:
+            return torch.zeros((), dtype=torch.float32)
+        return self._weighted_l0(adapter_name, weights)
+
+    def _l0_weights(self, adapter_name: str) -> L0Weights | None:
+        """How the penalty of `adapter_name` enters the loss; None when it adds nothing."""
         config = self.peft_config[adapter_name]
         group_l0_lambda = config.l0_lambda if config.group_l0_lambda is None else config.group_l0_lambda
         if config.l0_lambda == 0 and group_l0_lambda == 0:
-            return torch.zeros((), dtype=torch.float32)
-        return self._weighted_l0(adapter_name, config.l0_lambda, group_l0_lambda)
+            return None
+        return L0Weights(config.l0_lambda, group_l0_lambda, config.group_penalty)
 
-    def _weighted_l0(self, adapter_name: str, l0_lambda: float, group_l0_lambda: float) -> torch.Tensor:
-        group_penalty = self.peft_config[adapter_name].group_penalty
+    def _gated_states(self, adapter_name: str) -> list[DiffState]:
+        layers = self.diff_layers().values()
+        return [layer.diff_pruning_state[adapter_name] for layer in layers if adapter_name in layer.diff_pruning_state]
+
+    def _weighted_l0(
+        self, adapter_name: str, weights: L0Weights, states: list[DiffState] | None = None, recorded=None
+    ) -> torch.Tensor:
+        states = self._gated_states(adapter_name) if states is None else states
+        if recorded is None and any(state.is_sharded() for state in states):
+            return sharded_weighted_l0(states, weights)
         total = torch.zeros((), dtype=torch.float32)
-        for layer in self.diff_layers().values():
-            if adapter_name in layer.diff_pruning_state:
-                term = _state_penalty(
-                    layer.diff_pruning_state[adapter_name], group_penalty, l0_lambda, group_l0_lambda
-                )
-                total = total.to(term.device) + term
+        for state in states:
+            term = _state_penalty(state, weights, recorded)
+            total = total.to(term.device) + term
         return total
 
     def _post_injection_hook(self, model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> None:
         # A forward hook on the model itself, not an override of this tuner's forward: PeftModel without a task
         # type calls the base model directly, and the penalty must be in the loss on every path.
         if getattr(self, "_l0_hook", None) is None:
-            self._l0_hook = model.register_forward_hook(self._add_l0_penalty, with_kwargs=True)
+            self._l0_hook = (
+                model.register_forward_pre_hook(self._collect_l0_penalty),
+                model.register_forward_hook(self._add_l0_penalty, with_kwargs=True),
+            )
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         # the unloaded model is a plain model again: it must not keep adding a penalty of adapters it no longer has
         if getattr(self, "_l0_hook", None) is not None:
-            self._l0_hook.remove()
+            for handle in self._l0_hook:
+                handle.remove()
             self._l0_hook = None
         return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _collect_l0_penalty(self, module: nn.Module, args: Any) -> None:
+        """Before a training forward: let the gated layers record their penalty terms (see [`_add_l0_penalty`])."""
+        close_penalty_terms(id(self))
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        states, weights = {}, {}
+        for adapter_name in self.active_adapters:
+            adapter_weights = self._l0_weights(adapter_name)
+            if adapter_weights is not None and not self.peft_config[adapter_name].kept_pattern:
+                states[adapter_name], weights[adapter_name] = self._gated_states(adapter_name), adapter_weights
+        open_penalty_terms(PenaltyTerms(id(self), states, weights))
 
     def _add_l0_penalty(self, module: nn.Module, args: Any, kwargs: dict, outputs: Any) -> Any:
         """Add `l0_lambda * E[L0]` of every active gated adapter to the loss the model returned, in training mode.
 
         The loss is `outputs.loss`, or with `return_dict=False` the first element of the tuple when labels were
-        passed (transformers' convention).
+        passed (transformers' convention). Each gated layer computed its tensors' terms in its own forward, as an
+        output of the autograd node that samples the gates: their gradient is then computed in that module's
+        backward, which under FSDP is when its parameters are gathered (a penalty over all logits computed here,
+        after the forward, would see them sharded). The value is that of [`l0_penalty`].
         """
+        recorded = close_penalty_terms(id(self))
         as_tuple = isinstance(outputs, tuple) and kwargs.get("labels") is not None
         loss = outputs[0] if as_tuple else getattr(outputs, "loss", None)
         if not (module.training and isinstance(loss, torch.Tensor) and loss.dim() == 0) or self._adapters_disabled():
             return outputs
         penalty = torch.zeros((), dtype=torch.float32, device=loss.device)
         for adapter_name in self.active_adapters:
-            config = self.peft_config[adapter_name]
-            if not config.kept_pattern:
+            weights = self._l0_weights(adapter_name)
+            if weights is not None and not self.peft_config[adapter_name].kept_pattern:
                 # in fp32: E[L0] counts millions of gates, beyond fp16's range
-                penalty = penalty + self.l0_penalty(adapter_name).to(loss.device)
+                if recorded is None:
+                    # grad disabled in training mode: no layer recorded a term, the loss still gets the value
+                    term = self._weighted_l0(adapter_name, weights)
+                else:
+                    term = self._weighted_l0(adapter_name, weights, recorded.states.get(adapter_name), recorded)
+                penalty = penalty + term.to(loss.device)
         loss = (loss.float() + penalty).to(loss.dtype)
         if as_tuple:
             return (loss, *outputs[1:])

@@ -11,6 +11,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import DiffPruningConfig
+from .distributed import is_fsdp1_parameter, sharded_top_entries
 from .fingerprint import base_fingerprint
 from .gates import deterministic_gate
 from .layer import DiffState
@@ -134,6 +135,20 @@ def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
+def _sharded_projection(entries, target_sparsity: float, scope: str, total: int):
+    """`(positions, values)` of every entry of an FSDP2-sharded gated adapter, ranked without gathering it."""
+    if any(state.is_sparse(name) for _, _, state, name, _ in entries):
+        raise ValueError("Projecting an already sparse adapter under FSDP is not supported; project it unsharded.")
+    diffs = [state.gated_delta(name, sample=False) for _, _, state, name, _ in entries]
+    if scope == "global":
+        groups = [list(range(len(diffs)))]
+        budgets = [min(round(target_sparsity * total), sum(d.numel() for d in diffs))]
+    else:
+        groups = [[i] for i in range(len(diffs))]
+        budgets = [round(target_sparsity * d.numel()) for d in diffs]
+    return sharded_top_entries(diffs, groups, budgets, _top_positions)
+
+
 @torch.no_grad()
 def project_to_sparsity(
     model: nn.Module,
@@ -166,30 +181,45 @@ def project_to_sparsity(
     entries = list(_adapter_tensors(tuner, adapter_name))
     if not entries:
         raise ValueError(f"Adapter {adapter_name!r} has no diff to project.")
+    states = [state for _, _, state, _, _ in entries]
+    if any(is_fsdp1_parameter(t) for state in states for n in state.tensor_names for t in state.tensors(n)):
+        # switching layers to the sparse state inside FSDP1's flat parameters would break its state dict
+        raise ValueError(
+            "project_to_sparsity cannot change a model wrapped in FSDP1 (FullyShardedDataParallel). Load its adapter "
+            "state into an unwrapped model and project that: set_peft_model_state_dict(model, "
+            "get_peft_model_state_dict(wrapped)) (this gathers the model), or shard with FSDP2 (fully_shard), where "
+            "projection ranks the shards in place; see docs/distributed.md."
+        )
     total = base_parameter_count(tuner)
-    diffs = [_effective_diff(state, name, base).reshape(-1) for _, _, state, name, base in entries]
-    if scope == "global":
-        budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
-        magnitudes = torch.cat([d.abs().cpu() for d in diffs])
-        selected = _top_positions(magnitudes, budget)
-        del magnitudes
-        offsets = torch.tensor([0] + [d.numel() for d in diffs]).cumsum(0)
-        bounds = torch.searchsorted(selected, offsets)
-        positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
+    sharded = any(state.is_sharded() for state in states)
+    if sharded:
+        kept_entries = _sharded_projection(entries, target_sparsity, scope, total)
     else:
-        positions = [_top_positions(d.abs().cpu(), round(target_sparsity * d.numel())) for d in diffs]
+        diffs = [_effective_diff(state, name, base).reshape(-1) for _, _, state, name, base in entries]
+        if scope == "global":
+            budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
+            magnitudes = torch.cat([d.abs().cpu() for d in diffs])
+            selected = _top_positions(magnitudes, budget)
+            del magnitudes
+            offsets = torch.tensor([0] + [d.numel() for d in diffs]).cumsum(0)
+            bounds = torch.searchsorted(selected, offsets)
+            positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
+        else:
+            positions = [_top_positions(d.abs().cpu(), round(target_sparsity * d.numel())) for d in diffs]
+        kept_entries = [(kept.to(d.device), d[kept.to(d.device)]) for d, kept in zip(diffs, positions, strict=True)]
 
     kept_pattern = {}
     new_states: dict[str, DiffState] = {}
-    for (module_name, _, state, name, base), diff, kept in zip(entries, diffs, positions, strict=True):
+    for (module_name, _, state, name, base), (kept, values) in zip(entries, kept_entries, strict=True):
         if not kept.numel():
             continue
         kept_pattern[f"{module_name}.{name}"] = kept.numel()
         new_state = new_states.setdefault(module_name, DiffState(state.stretch, module_name))
-        kept = kept.to(diff.device)
         new_state.add_sparse(
-            name, base, kept.numel(), config, positions=kept, values=diff[kept], dtype=state.diff_dtype(name)
+            name, base, kept.numel(), config, positions=kept, values=values, dtype=state.diff_dtype(name)
         )
+        # not an FSDP-managed parameter: trained as is, its gradient would not be reduced over the ranks
+        new_state.outside_fsdp = sharded
 
     layers = tuner.diff_layers()
     layer_names = {id(layer): name for name, layer in layers.items()}

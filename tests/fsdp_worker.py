@@ -1,0 +1,278 @@
+"""Diff pruning under FSDP on 2 CPU ranks, against the same model unsharded; run by tests/test_fsdp.py.
+
+`torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT_DIR`: every rank builds the same seeded tiny model twice,
+shards one copy (FSDP2 `fully_shard` or FSDP1 `use_orig_params=True`, one unit per transformer block and the root),
+feeds both the same batch with the same gate noise, and rank 0 writes the largest differences it saw to
+`OUT_DIR/results.json` (keys `{fsdp}/{model}/{check}`); the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import MODEL_CASES  # noqa: E402
+
+import peft_diffprune  # noqa: E402, F401  (registers the method)
+from peft_diffprune import DiffPruningConfig, gather_adapter_state_dict, project_to_sparsity  # noqa: E402
+from peft_diffprune.diff_pruning.distributed import sharded_top_entries  # noqa: E402
+from peft_diffprune.diff_pruning.layer import DiffState  # noqa: E402
+from peft_diffprune.diff_pruning.sparse import _top_positions  # noqa: E402
+
+
+BLOCKS = ("BertLayer", "LlamaDecoderLayer")
+CONFIGS = {
+    # structured with its own group weight on BERT, plain gates on Llama; both with a dense task head
+    "bert": {"task_type": "SEQ_CLS", "structured": True, "group_l0_lambda": 5e-3},
+    "llama": {"task_type": "CAUSAL_LM", "modules_to_save": ["lm_head"]},
+}
+RESULTS: dict[str, float] = {}
+
+
+def build(model_name: str, **config_kwargs):
+    config = DiffPruningConfig(**{"l0_lambda": 1e-3, "init_weights": False, **CONFIGS[model_name], **config_kwargs})
+    return get_peft_model(MODEL_CASES[model_name].model(), config)
+
+
+def shard(model, kind: str):
+    block_types = {type(m) for m in model.modules() if type(m).__name__ in BLOCKS}
+    if kind == "fsdp1":
+        return FullyShardedDataParallel(
+            model, use_orig_params=True, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy(block_types)
+        )
+    for module in list(model.modules()):
+        if type(module) in block_types:
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def clean(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "")
+
+
+def check_ddp() -> None:
+    """DDP holds the whole model on each rank: the same losses and gradients as one process."""
+    batch = MODEL_CASES["bert"].batch()
+    ref = build("bert")
+    ddp = DistributedDataParallel(copy.deepcopy(ref))
+    train_steps(ref, ddp, "ddp", "ddp/bert/gated", batch, steps=2)
+
+
+def full_grads(model, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "ddp":
+        return {n.removeprefix("module."): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if kind == "fsdp1":
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+            # FSDP1's flat parameter needs a gradient as a whole, so the frozen base weights get one too
+            return {
+                clean(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and p.requires_grad
+            }
+    return {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def record(key: str, value: float) -> None:
+    RESULTS[key] = max(RESULTS.get(key, 0.0), float(value))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def train_steps(ref, sharded, kind: str, key: str, batch, steps: int, first_step: int = 0) -> None:
+    """`steps` AdamW steps on both models, recording the loss and gradient differences of each."""
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ref, sharded)]
+    ref.train(), sharded.train()
+    for step in range(first_step, first_step + steps):
+        losses = []
+        for model in (ref, sharded):
+            torch.manual_seed(step)  # the same gate noise for both models, on every rank
+            loss = model(**batch).loss
+            loss.backward()
+            losses.append(loss)
+        record(f"{key}/loss", max_diff(*losses))
+        ref_grads, sharded_grads = dict(ref.named_parameters()), full_grads(sharded, kind)
+        expected = {n for n, p in ref_grads.items() if p.grad is not None}
+        assert set(sharded_grads) == expected, (key, sorted(set(sharded_grads) ^ expected)[:4])
+        scale = max(g.grad.abs().max().item() for g in ref_grads.values() if g.grad is not None)
+        record(f"{key}/grads", max(max_diff(ref_grads[n].grad, g) for n, g in sharded_grads.items()) / scale)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+def eval_logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """FSDP1 and unsharded: PEFT's call as is; FSDP2 needs the gathered adapter state (the file's entries)."""
+    state_dict = gather_adapter_state_dict(model) if any(isinstance(p, DTensor) for p in model.parameters()) else None
+    return {k: v.clone() for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()}
+
+
+def check_gated(kind: str, model_name: str, out_dir: Path) -> None:
+    key = f"{kind}/{model_name}"
+    case = MODEL_CASES[model_name]
+    batch = case.batch()
+    ref = build(model_name)
+    sharded = shard(copy.deepcopy(ref), kind)
+    train_steps(ref, sharded, kind, f"{key}/gated", batch, steps=2)
+    record(f"{key}/gated/eval", max_diff(eval_logits(ref, batch), eval_logits(sharded, batch)))
+    tuner = ref.base_model
+    record(f"{key}/gated/l0_penalty", abs(tuner.l0_penalty().item() - sharded.base_model.l0_penalty().item()))
+
+    # PEFT's convention: the adapter state of the wrapped model, loaded into a fresh unwrapped one
+    fresh = build(model_name, init_weights=True)
+    set_peft_model_state_dict(fresh, adapter_state(sharded))
+    record(f"{key}/gated/round_trip", max_diff(eval_logits(fresh, batch), eval_logits(sharded, batch)))
+
+    # projection, from the same trained weights: the same positions and values as unsharded, on every rank
+    ref = fresh
+    ref_report = project_to_sparsity(ref, 0.05)
+    if kind == "fsdp1":
+        # FSDP1 cannot change its wrapped modules: the unwrapped copy made of its adapter state is projected
+        with pytest.raises(ValueError, match="FSDP1"):
+            project_to_sparsity(sharded, 0.05)
+        sparse = adapter_state(ref)
+    else:
+        report = project_to_sparsity(sharded, 0.05)
+        record(f"{key}/projection/kept", abs(ref_report.kept - report.kept) + (ref_report.kept == 0))
+        ref_sparse, sparse = adapter_state(ref), adapter_state(sharded)
+        assert set(ref_sparse) == set(sparse), (key, set(ref_sparse) ^ set(sparse))
+        record(f"{key}/projection/state", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse))
+        record(f"{key}/projection/eval", max_diff(eval_logits(ref, batch), eval_logits(sharded, batch)))
+        # save_pretrained: written by rank 0, the same files as unsharded
+        state_dict = gather_adapter_state_dict(sharded)
+        sharded.save_pretrained(
+            out_dir / f"{key}/sharded", state_dict=state_dict, is_main_process=dist.get_rank() == 0
+        )
+        if dist.get_rank() == 0:
+            ref.save_pretrained(out_dir / f"{key}/ref")
+            files = [load_file(out_dir / f"{key}/{which}/adapter_model.safetensors") for which in ("sharded", "ref")]
+            assert set(files[0]) == set(files[1]), key
+            record(f"{key}/save", max(max_diff(files[0][k], files[1][k]) for k in files[0]))
+            configs = [
+                json.loads((out_dir / f"{key}/{w}/adapter_config.json").read_text()) for w in ("sharded", "ref")
+            ]
+            # target_modules is written from a set: compare lists as sets
+            configs = [{k: sorted(v) if isinstance(v, list) else v for k, v in c.items()} for c in configs]
+            record(f"{key}/save_config", configs[0] != configs[1])
+        dist.barrier()
+
+    # fixed-mask stage: rebuild in the sparse state from the (small) adapter state, shard again
+    rebuilt = get_peft_model(case.model(), copy.deepcopy(ref.peft_config["default"]))
+    set_peft_model_state_dict(rebuilt, sparse)
+    rebuilt = shard(rebuilt, kind)
+    assert any(isinstance(m, DiffState) and m.tensor_names for m in rebuilt.modules())
+    train_steps(ref, rebuilt, kind, f"{key}/sparse", batch, steps=2)
+    record(f"{key}/sparse/eval", max_diff(eval_logits(ref, batch), eval_logits(rebuilt, batch)))
+
+
+def check_resume(out_dir: Path) -> None:
+    """FSDP2, gated stage: 2 steps, a torch distributed checkpoint of model and optimizer, a fresh sharded model
+    resumed from it for 2 more steps, against 4 uninterrupted steps."""
+    batch = MODEL_CASES["bert"].batch()
+
+    def run(model, opt, steps):
+        model.train()
+        for step in steps:
+            torch.manual_seed(step)
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    def fresh():
+        model = shard(build("bert"), "fsdp2")
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    straight, straight_opt = fresh()
+    run(straight, straight_opt, range(4))
+    first, first_opt = fresh()
+    run(first, first_opt, range(2))
+    model_state, optim_state = get_state_dict(first, first_opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=out_dir / "dcp")
+    resumed, resumed_opt = fresh()
+    model_state, optim_state = get_state_dict(resumed, resumed_opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=out_dir / "dcp")
+    set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    run(resumed, resumed_opt, range(2, 4))
+    params = dict(straight.named_parameters())
+    record(
+        "fsdp2/bert/resume/params",
+        max(max_diff(params[n].full_tensor(), p.full_tensor()) for n, p in resumed.named_parameters()),
+    )
+    losses = []
+    for model in (straight, resumed):
+        model.train()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            losses.append(model(**batch).loss)
+    record("fsdp2/bert/resume/loss", max_diff(*losses))
+
+
+def check_ties() -> None:
+    """The distributed top-k against `_top_positions` on whole tensors, with many ties at the threshold spread
+    over both ranks' shards and one tensor smaller than the world (a rank holds none of it)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randint(-3, 4, (7, 5), generator=generator).float(),
+        torch.randint(-3, 4, (1, 3), generator=generator).float(),
+        torch.randint(-3, 4, (6,), generator=generator).float(),
+    ]
+    shards = [distribute_tensor(t, mesh, [Shard(0)]) for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    offsets = [0, 35, 38]
+    worst = 0.0
+    for budget in (1, 9, 20, 44):
+        kept = tuple(_top_positions(flat.abs(), budget).tolist())
+        entries = sharded_top_entries(shards, [[0, 1, 2]], [budget], _top_positions)
+        got = [int(p) + offsets[i] for i, (positions, _) in enumerate(entries) for p in positions]
+        values = torch.cat([v for _, v in entries])
+        worst = max(worst, float(tuple(got) != kept), max_diff(values, flat[list(kept)]))
+    for i, t in enumerate(tensors):
+        budget = t.numel() // 3
+        ((positions, values),) = sharded_top_entries([shards[i]], [[0]], [budget], _top_positions)
+        expected = _top_positions(t.reshape(-1).abs(), budget)
+        worst = max(worst, float(not torch.equal(positions, expected)), max_diff(values, t.reshape(-1)[expected]))
+    record("fsdp2/ties", worst)
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    for kind in ("fsdp2", "fsdp1"):
+        for model_name in CONFIGS:
+            check_gated(kind, model_name, out_dir)
+    check_resume(out_dir)
+    check_ties()
+    check_ddp()
+    if dist.get_rank() == 0:
+        (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

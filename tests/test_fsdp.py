@@ -1,0 +1,188 @@
+"""Diff pruning under FSDP on CPU: FSDP1 in one process (PEFT's own convention) and both FSDP versions on 2 ranks.
+
+The 2-rank checks run in one `torchrun --nproc_per_node 2 tests/fsdp_worker.py` launch (see that file), which
+compares a sharded model with the same model unsharded, step by step; the tests below assert on what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import MODEL_CASES, REPO_ROOT, no_grad_logits
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from peft_diffprune import DiffPruningConfig
+from peft_diffprune.diff_pruning import model as model_module
+from peft_diffprune.diff_pruning.layer import active_penalty_terms
+
+
+WORKER = REPO_ROOT / "tests" / "fsdp_worker.py"
+KINDS_AND_MODELS = [(kind, model) for kind in ("fsdp2", "fsdp1") for model in ("bert", "llama")]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, float]:
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(out_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return json.loads((out_dir / "results.json").read_text())
+
+
+@pytest.fixture
+def one_rank_group():
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_fsdp1_wrapped_eval_and_state_dict_round_trip():
+    """FSDP1 with `use_orig_params=True` hands the base layer plain-tensor views in both `_parameters` and the
+    instance dict; a swap of `_parameters` alone left the diffs out of the wrapped model's outputs."""
+    case = MODEL_CASES["bert"]
+    batch = case.batch()
+    model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS", init_weights=False)).eval()
+    expected = no_grad_logits(model, batch)
+    wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    torch.testing.assert_close(no_grad_logits(wrapped, batch), expected, rtol=0, atol=1e-6)
+    fresh = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS")).eval()
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(wrapped))
+    torch.testing.assert_close(no_grad_logits(fresh, batch), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "model"), KINDS_AND_MODELS)
+@pytest.mark.parametrize("stage", ["gated", "sparse"])
+def test_training_matches_unsharded(two_ranks, kind, model, stage):
+    """Same batch and gate noise: the loss (penalty included), every gradient and the eval outputs of the sharded
+    model equal the unsharded one's, over 2 AdamW steps (gated stage: BERT structured, Llama plain gates; sparse
+    stage: the projected adapter rebuilt and sharded again); the heads are `modules_to_save`."""
+    key = f"{kind}/{model}/{stage}"
+    assert two_ranks[f"{key}/loss"] <= 1e-6
+    assert two_ranks[f"{key}/grads"] <= 1e-5
+    assert two_ranks[f"{key}/eval"] <= 1e-6
+
+
+def test_ddp_matches_one_process(two_ranks):
+    assert two_ranks["ddp/bert/gated/loss"] <= 1e-6
+    assert two_ranks["ddp/bert/gated/grads"] <= 1e-5
+
+
+@pytest.mark.parametrize(("kind", "model"), KINDS_AND_MODELS)
+def test_penalty_outside_forward_is_global(two_ranks, kind, model):
+    # l0_penalty() of the sharded model sums its shards over the ranks: about 6 here, equal to float precision
+    assert two_ranks[f"{kind}/{model}/gated/l0_penalty"] <= 1e-5
+
+
+@pytest.mark.parametrize(("kind", "model"), KINDS_AND_MODELS)
+def test_adapter_state_round_trip_from_wrapped_model(two_ranks, kind, model):
+    assert two_ranks[f"{kind}/{model}/gated/round_trip"] <= 1e-6
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_fsdp2_projection_keeps_the_unsharded_positions_and_values(two_ranks, model):
+    assert two_ranks[f"fsdp2/{model}/projection/kept"] == 0
+    assert two_ranks[f"fsdp2/{model}/projection/state"] == 0
+    assert two_ranks[f"fsdp2/{model}/projection/eval"] == 0
+
+
+def test_sharded_top_k_tie_rule(two_ranks):
+    assert two_ranks["fsdp2/ties"] == 0
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_fsdp2_save_pretrained_writes_the_unsharded_files(two_ranks, model):
+    assert two_ranks[f"fsdp2/{model}/save"] == 0
+    assert two_ranks[f"fsdp2/{model}/save_config"] == 0
+
+
+def test_fsdp2_resume_from_distributed_checkpoint(two_ranks):
+    assert two_ranks["fsdp2/bert/resume/params"] == 0
+    assert two_ranks["fsdp2/bert/resume/loss"] == 0
+
+
+class _TwoBranches(nn.Module):
+    """A model without a task type whose `unused` layer is never called in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.used(x)
+        return (nn.functional.cross_entropy(logits, labels), logits)
+
+
+class TestPenaltyFromTheGateNodes:
+    """The penalty of every sampled tensor comes from the node that samples its gates (see gates.py)."""
+
+    def test_loss_carries_l0_penalty_without_a_separate_pass(self, monkeypatch):
+        case = MODEL_CASES["bert"]
+        model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS", l0_lambda=1e-3, structured=True))
+        model.train()
+        batch = case.batch()
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        with model.disable_adapter():
+            torch.manual_seed(0)
+            task_loss = model(**batch).loss
+        penalty = model.base_model.l0_penalty()
+        # outside forward, l0_penalty() builds its own nodes; in a training forward no tensor needs one
+        monkeypatch.setattr(model_module, "tensor_penalty", lambda *a: pytest.fail("penalty computed apart"))
+        torch.manual_seed(0)
+        again = model(**batch).loss
+        torch.testing.assert_close(again, loss, rtol=0, atol=0)
+        # the adapter starts as the identity: the losses differ by the penalty alone
+        torch.testing.assert_close(loss - task_loss, penalty, rtol=0, atol=1e-6)
+        assert active_penalty_terms() is None
+
+    def test_a_layer_not_called_in_forward_is_still_penalised(self):
+        torch.manual_seed(0)
+        model = get_peft_model(_TwoBranches(), DiffPruningConfig(target_modules=["used", "unused"], l0_lambda=0.5))
+        model.train()
+        x, labels = torch.randn(2, 4), torch.tensor([0, 2])
+        loss, _ = model(x, labels=labels)
+        task_loss = nn.functional.cross_entropy(model.base_model.model.used(x), labels)
+        assert loss.item() - task_loss.item() == pytest.approx(model.base_model.l0_penalty().item(), rel=1e-5)
+        loss.backward()
+        unused_alpha = model.base_model.model.unused.diff_pruning_state["default"].weight_alpha
+        assert unused_alpha.grad is not None and (unused_alpha.grad > 0).all()
+
+    def test_a_forward_that_raised_does_not_leak_its_terms(self):
+        case = MODEL_CASES["bert"]
+        model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS"))
+        model.train()
+        batch = case.batch()
+        with pytest.raises(IndexError):  # in the loss, after every layer has recorded its terms
+            model(**{**batch, "labels": batch["labels"] + 10})
+        torch.manual_seed(0)
+        loss = model(**batch).loss
+        assert active_penalty_terms() is None
+        with model.disable_adapter():
+            torch.manual_seed(0)
+            task_loss = model(**batch).loss
+        torch.testing.assert_close(loss - task_loss, model.base_model.l0_penalty(), rtol=0, atol=1e-6)
+
+
+def test_scalar_group_logits_of_older_gated_checkpoints_load():
+    """Group logits are (1,) tensors now (fully_shard refuses scalar parameters); 0-d ones, as older gated
+    checkpoints hold, still load."""
+    case = MODEL_CASES["bert"]
+    config = DiffPruningConfig(task_type="SEQ_CLS", structured=True)
+    model = get_peft_model(case.model(), config)
+    state = {k: v.reshape(()) if k.endswith("group_alpha") else v for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: torch.full_like(v, 1.25) if k.endswith("group_alpha") else v for k, v in state.items()}
+    assert any(v.dim() == 0 for v in state.values())
+    set_peft_model_state_dict(model, state)
+    groups = [p for n, p in model.named_parameters() if n.endswith("group_alpha")]
+    assert groups and all(p.shape == (1,) and p.item() == 1.25 for p in groups)
