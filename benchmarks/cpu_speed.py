@@ -1,15 +1,16 @@
 """What makes a MiniLM training step fast on a CPU: bf16 autocast, torch threads, and how batches are padded.
 
-    python benchmarks/cpu_speed.py --output benchmarks/results/cpu_speed.json
+    python benchmarks/cpu_speed.py --threads 1 --other_threads 2 --rounds 4 --warmup 1 \
+        --output benchmarks/results/cpu_speed.json
 
 Three workers, one per training kind (full fine-tuning, the gated stage of diff pruning, the fixed-mask stage at
-0.5%), built as in `train_step.py`. Each worker cycles through the variants (VARIANTS): fp32 or bf16 autocast
-(`torch.autocast("cpu", dtype=torch.bfloat16)`, what `--mixed_precision bf16` does on a CPU), 1 or 2 torch threads,
-and the diff pruning `nn.Linear` path of `GenericLayer._adapted_forward` (the autograd functions of `functional.py`)
-forced off in fp32 or forced on under autocast, where the layer skips it today. The workers take turns one step
-each, variant after variant (A B C ... A B C ...), for `--rounds` rounds after `--warmup`; each variant's figure is
-the median over rounds of its step time over the baseline's (fp32, 2 threads, same length) in the same round, with
-the spread (min, max) over rounds.
+0.5%), built as in `train_step.py`. Each worker cycles through the variants (`variants`): fp32 or bf16 autocast
+(`torch.autocast("cpu", dtype=torch.bfloat16)`, what `--mixed_precision bf16` does on a CPU), `--threads` or
+`--other_threads` torch threads, and the diff pruning `nn.Linear` path of `GenericLayer._adapted_forward` (the
+autograd functions of `functional.py`) forced off in fp32 or forced on under autocast, where the layer skips it
+today. The workers take turns one step each, variant after variant (A B C ... A B C ...), for `--rounds` rounds after
+`--warmup`; each variant's figure is the median over rounds of its step time over the baseline's (fp32 at
+`--threads`, same length) in the same round, with the spread (min, max) over rounds.
 
 Padding: the step time is measured at several padded lengths (`--lengths`), and applied to the padded lengths an
 epoch of the main job's data gets (the first `--train_samples` SST-2 training sentences, batch `--batch_size`) under
@@ -40,15 +41,21 @@ from train_step import build, make_batches, train_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"full": "full", "gated": "diff_pruning", "fixmask": "fixmask"}
-# name: (autocast dtype or None, torch threads, diff pruning nn.Linear path: None as the layer decides, or forced)
-VARIANTS = {
-    "fp32": (None, 2, None),
-    "bf16": (torch.bfloat16, 2, None),
-    "fp32_1thread": (None, 1, None),
-    "bf16_1thread": (torch.bfloat16, 1, None),
-    "fp32_generic_linear": (None, 2, False),
-    "bf16_linear_path": (torch.bfloat16, 2, True),
-}
+
+
+def variants(threads: int, other_threads: int) -> dict[str, tuple]:
+    """name: (autocast dtype or None, torch threads, the diff pruning `nn.Linear` path: None as the layer decides, or
+    forced on or off)."""
+    return {
+        "fp32": (None, threads, None),
+        "bf16": (torch.bfloat16, threads, None),
+        f"fp32_{other_threads}threads": (None, other_threads, None),
+        f"bf16_{other_threads}threads": (torch.bfloat16, other_threads, None),
+        "fp32_generic_linear": (None, threads, False),
+        "bf16_linear_path": (torch.bfloat16, threads, True),
+    }
+
+
 BASELINE = "fp32"
 MEGA_BATCH = 50
 
@@ -95,7 +102,7 @@ def worker(args) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         _, variant, length = line.split()
-        dtype, threads, linear_path = VARIANTS[variant]
+        dtype, threads, linear_path = variants(args.threads, args.other_threads)[variant]
         torch.set_num_threads(threads)
         force_linear_path(linear_path)
         start = time.perf_counter()
@@ -159,6 +166,8 @@ def main() -> None:
     )
     parser.add_argument("--max_length", type=int, default=64, help="The main job's --max_length.")
     parser.add_argument("--train_samples", type=int, default=2000, help="The main job's --max_train_samples.")
+    parser.add_argument("--threads", type=int, default=2, help="Torch threads of every variant but one pair.")
+    parser.add_argument("--other_threads", type=int, default=1, help="Torch threads of the fp32 / bf16 pair compared.")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", default="benchmarks/results/cpu_speed.json")
@@ -167,14 +176,21 @@ def main() -> None:
     if args.kind:
         worker(args)
         return
-    settings = {k: getattr(args, k) for k in ("batch_size", "length", "lengths", "max_length", "train_samples")}
-    settings |= {"rounds": args.rounds, "warmup": args.warmup, "variants": {k: str(v) for k, v in VARIANTS.items()}}
-    cases = [(variant, args.length) for variant in VARIANTS]
+    names = ("batch_size", "length", "lengths", "max_length", "train_samples", "threads", "other_threads")
+    settings = {k: getattr(args, k) for k in names}
+    all_variants = variants(args.threads, args.other_threads)
+    settings |= {
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "variants": {k: str(v) for k, v in all_variants.items()},
+    }
+    cases = [(variant, args.length) for variant in all_variants]
     cases += [(variant, length) for variant in ("fp32", "bf16") for length in args.lengths if length != args.length]
     workers = {}
     for kind in args.kinds:
         command = [sys.executable, __file__, "--kind", kind, f"--batch_size={args.batch_size}"]
         command += [f"--length={args.length}", "--lengths", *map(str, args.lengths)]
+        command += [f"--threads={args.threads}", f"--other_threads={args.other_threads}"]
         workers[kind] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert workers[kind].stdout.readline().strip() == "ready", f"worker {kind} failed to start"
     times = {kind: {case: [] for case in cases} for kind in workers}
@@ -205,7 +221,7 @@ def main() -> None:
             if not timed:
                 continue
             reference = times[kind][(BASELINE, length)]
-            ratios = [r / t for t, r in zip(timed, reference, strict=True)]  # speed-up over fp32, 2 threads
+            ratios = [r / t for t, r in zip(timed, reference, strict=True)]  # speed-up over fp32 at --threads
             per_variant[f"{variant} @ {length}"] = {"step_time_s": spread(timed), "speedup": spread(ratios)}
         results["step"][kind] = per_variant
     lengths = sst2_lengths(args.train_samples, args.max_length)

@@ -61,6 +61,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "main_job.jsonl")
     parser.add_argument("--reference", choices=list(CANDIDATES), help="Save this run's results.json as the reference.")
     parser.add_argument("--reference_output", type=Path, default=RESULTS_DIR / "main_job_full.json")
+    parser.add_argument(
+        "--omp_threads", type=int, help="Set OMP_NUM_THREADS (records get the suffix _omp<N>); default: Accelerate's."
+    )
     parser.add_argument("--load_interval", type=float, default=5.0, help="Seconds between load-average samples.")
     return parser.parse_args()
 
@@ -109,13 +112,15 @@ class LoadSampler(threading.Thread):
         }
 
 
-def run_one(name: str, work_dir: Path, interval: float) -> tuple[dict, dict] | None:
+def run_one(name: str, work_dir: Path, interval: float, threads: int | None) -> tuple[dict, dict] | None:
     """Run one candidate; its record and results.json, or None (with the log's tail printed) if it failed."""
     output_dir = work_dir / name
     flags = CANDIDATES[name]
     command = [sys.executable, *LAUNCH, *flags, "--output_dir", str(output_dir), "--logging_steps", "50"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     load_at_start = os.getloadavg()
     sampler = LoadSampler(interval)
     sampler.start()
@@ -131,11 +136,12 @@ def run_one(name: str, work_dir: Path, interval: float) -> tuple[dict, dict] | N
     main_metric = summary["main_metric"]
     task = summary["task"]
     record = {
-        "name": name,
+        "name": name if threads is None else f"{name}_omp{threads}",
         "command": " ".join(["accelerate launch --cpu --num_processes 1 ... examples/glue.py", *flags]),
         "commit": git_commit(REPO_ROOT),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "omp_num_threads": env.get("OMP_NUM_THREADS", "unset: Accelerate sets the physical cores"),
         "task": task,
         "method": summary["method"],
         "flags": flags,
@@ -161,12 +167,13 @@ def run_one(name: str, work_dir: Path, interval: float) -> tuple[dict, dict] | N
 def main() -> None:
     args = parse_args()
     done = recorded(args.output)
-    queue = [name for name in args.runs if name not in done]
+    suffix = "" if args.omp_threads is None else f"_omp{args.omp_threads}"
+    queue = [name for name in args.runs if name + suffix not in done]
     print(f"{len(queue)} runs to make ({len(done)} already in {args.output})", flush=True)
     with tempfile.TemporaryDirectory(prefix="main_job_") as work_dir:
         for name in queue:
             print(f"{datetime.now(timezone.utc):%H:%M:%S} {name} ...", flush=True)
-            outcome = run_one(name, Path(work_dir), args.load_interval)
+            outcome = run_one(name, Path(work_dir), args.load_interval, args.omp_threads)
             if outcome is None:
                 continue
             record, summary = outcome
