@@ -18,6 +18,7 @@ from torch import nn
 
 from ..diff_pruning.model import get_tuner
 from ..diff_pruning.sparse import base_parameter_count
+from .optim import OptimizerInBackward, unwrap_optimizer
 
 
 #: The stages of diff pruning, in order.
@@ -98,8 +99,15 @@ def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) 
     """Clip the gradients of each parameter group to `max_norm` on its own, as the paper clips `w` and `alpha`.
 
     A global norm would let the gate logits' gradients, which the penalty makes large, shrink the diffs' steps.
-    Returns the norm of all gradients before clipping (what `Trainer` logs as `grad_norm`).
+    Returns the norm of all gradients before clipping (what `Trainer` logs as `grad_norm`). An
+    [`OptimizerInBackward`] is refused: it has applied and freed the gradients by the time a group's norm exists.
     """
+    if isinstance(unwrap_optimizer(optimizer), OptimizerInBackward):
+        raise ValueError(
+            "Per-group gradient clipping needs every gradient of a group at once, but OptimizerInBackward has "
+            "applied and freed each one during backward: train without clipping (max_grad_norm=0), or use an "
+            "ordinary optimizer."
+        )
     norms = [
         torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
         for group in optimizer.param_groups
