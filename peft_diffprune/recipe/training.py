@@ -35,6 +35,9 @@ class DiffPruningSchedule:
         fixmask_epochs: Epochs of stage 2 (the paper: 3, or 5 on MRPC, STS-B and RTE).
         fixmask_max_steps: If positive, the optimizer steps of stage 2 (overrides `fixmask_epochs`).
         target_sparsity: Fraction of the parameters projection keeps; `None` takes the adapter config's.
+        optimizer_in_backward: Update each parameter in backward and free its gradient there
+            ([`OptimizerInBackward`]): less peak memory, but no gradient clipping (`max_grad_norm=0`) and no
+            gradient accumulation.
     """
 
     alpha_learning_rate: float = 0.1
@@ -42,6 +45,7 @@ class DiffPruningSchedule:
     fixmask_epochs: float = 1.0
     fixmask_max_steps: int = -1
     target_sparsity: float | None = None
+    optimizer_in_backward: bool = False
 
     def __post_init__(self):
         if not self.alpha_learning_rate > 0:
