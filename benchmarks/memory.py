@@ -61,13 +61,16 @@ def spread(values: list[float]) -> list[float]:
     return [min(values), max(values)]
 
 
-def measure_case(model: str, batch_size: int, seq_len: int, configs: list[str], args) -> dict:
+def measure_case(model: str, batch_size: int, seq_len: int, configs: list[str], args, save) -> dict:
+    """Interleaved rounds of `configs` on `model`; `save(partial)` is called after every worker, so that a run
+    stopped early keeps what it measured."""
     settings = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "threads": args.threads}
     parameters = sum(p.numel() for p in load_base(model).parameters())
     runs = {config: [] for config in configs}
     for round_index in range(args.rounds):
         for config in configs:
             runs[config].append(run_once(config, settings, args.adamw, args.steps, args.warmup))
+            save({**settings, "parameters": parameters, "unfinished_runs": runs})
             last = runs[config][-1]
             print(
                 f"{model} round {round_index} {config:24s} {statistics.median(last['step_times_s']):7.2f} s/step  "
@@ -121,13 +124,14 @@ def main() -> None:
     parser.add_argument("--output", default="benchmarks/results/memory.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    settings = {k: getattr(args, k) for k in ("adamw", "rounds", "steps", "warmup", "threads")}
     cases = []
     for name in args.cases:
         model, batch_size, seq_len, configs = CASES[name]
         if args.configs:
             configs = ["full", *[c for c in configs if c in args.configs and c != "full"]]
-        cases.append(measure_case(model, batch_size, seq_len, configs, args))
-    settings = {k: getattr(args, k) for k in ("adamw", "rounds", "steps", "warmup", "threads")}
+        save = lambda partial: write_record(args.output, settings, {"cases": [*cases, partial]})  # noqa: E731
+        cases.append(measure_case(model, batch_size, seq_len, configs, args, save))
     write_record(args.output, settings, {"cases": cases})
 
 
