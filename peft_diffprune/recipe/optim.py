@@ -43,6 +43,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
                 "OptimizerInBackward steps each parameter when its local gradient is accumulated, before data "
                 "parallelism averages it across processes: use an ordinary optimizer with more than one process."
             )
+        # the groups get optimizer_class's own defaults (betas, eps, foreach, ...), filled in as it would
         super().__init__(params, optimizer_class([torch.zeros(1, requires_grad=True)], **defaults).defaults)
         self._steppers: dict[torch.Tensor, tuple[torch.optim.Optimizer, int]] = {}
         self._handles = []
