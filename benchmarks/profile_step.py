@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from _record import write_record
 from torch.profiler import ProfilerActivity, profile
-from train_step import METHODS, build, make_batches, train_step
+from train_step import DTYPES, METHODS, OPTIMIZERS, build, make_batches, train_step
 
 
 PHASES = ("forward", "backward", "optimizer")
@@ -25,7 +25,7 @@ def profile_in_rounds(args) -> dict:
     """Per method: milliseconds per step of each phase and of each operator's self CPU time."""
     runs = {}
     for method in args.methods:
-        model, optimizer = build(method, args.model)
+        model, optimizer = build(method, args.model, args.dtype, args.optimizer)
         model.train()
         runs[method] = (model, optimizer, make_batches(model.config.vocab_size, args.batch_size, args.seq_len))
         for step in range(args.warmup):
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="of the base model and the adapter state")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fused", help="how AdamW runs")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()

@@ -51,6 +51,10 @@ RANDOM_BERTS = {
     "bert-base": {},
 }
 MODELS = ("tiny", "minilm", "bert-base")
+#: How the AdamW step runs: torch's fused kernel (the benchmarks' default), torch's default implementation (what a
+#: new user gets), or recipe/optim.py's per-parameter step in backward with either.
+OPTIMIZERS = ("fused", "default", "in_backward", "in_backward_fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def status_mib(field: str) -> float:
@@ -69,9 +73,13 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def load_base(model: str) -> torch.nn.Module:
-    """A two-label classifier: `model` is one of MODELS or a model folder. Seeded, so every call returns the same
-    weights (the fixed-mask stage reloads the base under its adapter)."""
+def load_base(model: str, dtype: str = "fp32") -> torch.nn.Module:
+    """A two-label classifier: `model` is one of MODELS or a model folder, in `dtype` (one of DTYPES). Seeded, so every
+    call returns the same weights (the fixed-mask stage reloads the base under its adapter)."""
+    return _load_base(model).to(DTYPES[dtype])
+
+
+def _load_base(model: str) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
     from peft_diffprune.recipe.hub import packaged_minilm_path
@@ -83,19 +91,31 @@ def load_base(model: str) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
 
 
-def build(method: str, model_name: str):
+def make_optimizer(params, optimizer: str = "fused", **kwargs) -> torch.optim.Optimizer:
+    """AdamW over `params`, run as `optimizer` says (one of OPTIMIZERS)."""
+    from peft_diffprune.recipe.optim import OptimizerInBackward
+
+    fused = optimizer.endswith("fused")
+    if optimizer.startswith("in_backward"):
+        return OptimizerInBackward(params, fused=fused, **kwargs)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused"):
+    """The model of `method` with its optimizer. With `dtype="bf16"` the base is bf16 and so is the adapter state
+    (PEFT's `autocast_adapter_dtype=False`)."""
     from peft import LoraConfig, PeftModel, ShiraConfig, SupertuningConfig, get_peft_model
 
     import peft_diffprune  # noqa: F401
     from peft_diffprune import DiffPruningConfig, param_groups, project_to_sparsity
 
-    model = load_base(model_name)
+    model = load_base(model_name, dtype)
     if method in ("full", "eval_base"):
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+        return model, make_optimizer(model.parameters(), optimizer, lr=1e-5, weight_decay=0.0)
     if method == "dense_reference":
         model = DenseDiffPruning(model)
         groups = [{"params": model.diffs.parameters()}, {"params": model.alphas.parameters(), "lr": 0.1}]
-        return model, torch.optim.AdamW(groups, lr=1e-5, fused=True)
+        return model, make_optimizer(groups, optimizer, lr=1e-5)
     peft_configs = {
         "lora_qv_r8": LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"]),
         "lora_all_r8": LoraConfig(task_type="SEQ_CLS", r=8, target_modules="all-linear"),
@@ -106,11 +126,11 @@ def build(method: str, model_name: str):
     }
     if method in peft_configs:
         model = get_peft_model(model, peft_configs[method])
-        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        return model, make_optimizer([p for p in model.parameters() if p.requires_grad], optimizer, lr=1e-4)
     config = DiffPruningConfig(
         task_type="SEQ_CLS", structured=method.endswith("structured"), init_weights=method != "fixmask"
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config, autocast_adapter_dtype=dtype == "fp32")
     if method == "fixmask":
         # The fixed-mask stage trains the 0.5% kept entries only (random diffs stand in for a stage-1 result). It is
         # loaded from a saved sparse adapter, as a stage-2 job would, so that freed stage-1 memory is not counted.
@@ -120,9 +140,9 @@ def build(method: str, model_name: str):
             del model
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed stage-1 memory back, as a fresh process would
-            base = load_base(model_name)
-            model = PeftModel.from_pretrained(base, folder, is_trainable=True)
-    return model, torch.optim.AdamW(param_groups(model, lr=1e-5, alpha_lr=0.1), fused=True)
+            base = load_base(model_name, dtype)
+            model = PeftModel.from_pretrained(base, folder, is_trainable=True, autocast_adapter_dtype=dtype == "fp32")
+    return model, make_optimizer(param_groups(model, lr=1e-5, alpha_lr=0.1), optimizer)
 
 
 class DenseDiffPruning(torch.nn.Module):
@@ -187,7 +207,7 @@ def worker(args) -> None:
     """Build one method, then run one step per "step" line read from stdin and answer with its time; on "exit",
     answer with the peak RSS. Every answer is one JSON line on stdout."""
     torch.set_num_threads(args.threads)
-    model, optimizer = build(args.method, args.model)
+    model, optimizer = build(args.method, args.model, args.dtype, args.optimizer)
     batches = make_batches(model.config.vocab_size, args.batch_size, args.seq_len)
     evaluating = args.method.startswith("eval")
     model.train(not evaluating)
@@ -296,6 +316,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="of the base model and the adapter state")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fused", help="how AdamW runs")
     parser.add_argument("--max_workers", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
@@ -303,7 +325,7 @@ def main() -> None:
         worker(args)
         return
     torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads")}
+    settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer")}
     results = measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     write_record(args.output, {**settings, "rounds": args.rounds, "warmup": args.warmup}, results)
 

@@ -56,6 +56,7 @@ from peft_diffprune.recipe.baselines import BUILDERS, DEFAULT_LEARNING_RATES, DI
 from peft_diffprune.recipe.glue import GLUE_TASKS, evaluate_glue, get_glue_task, label_maps, load_glue, tokenize_glue
 from peft_diffprune.recipe.hub import packaged_minilm_path
 from peft_diffprune.recipe.launch import make_accelerator, require_packages
+from peft_diffprune.recipe.optim import OptimizerInBackward
 from peft_diffprune.recipe.plots import plot_layer_density, plot_training_curves
 from peft_diffprune.recipe.results import load_results, report_from_json, report_to_json, results_table
 
@@ -134,7 +135,15 @@ def parse_args():
     )
     parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (of the diffs).")
     parser.add_argument("--num_warmup_steps", type=int, default=0, help="Linear warmup steps of each stage.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clipping norm, per parameter group.")
+    parser.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clipping norm, per parameter group (0: no clipping)."
+    )
+    parser.add_argument(
+        "--optimizer_in_backward",
+        action="store_true",
+        help="Update each parameter in backward and free its gradient there (less peak memory; one process, no "
+        "clipping, no gradient accumulation: see docs/memory.md).",
+    )
     parser.add_argument(
         "--values_dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of saved diffs."
     )
@@ -212,6 +221,20 @@ def parse_args():
     for name in ("learning_rate", "fixmask_learning_rate", "alpha_learning_rate"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0 (0: no clipping), got {args.max_grad_norm}.")
+    if args.optimizer_in_backward and args.max_grad_norm > 0:
+        parser.error(
+            "--optimizer_in_backward updates each parameter during backward, before a group's gradient norm exists, "
+            "so per-group clipping cannot run: add --max_grad_norm 0 (no clipping)."
+        )
+    if args.optimizer_in_backward and args.gradient_accumulation_steps > 1:
+        parser.error(
+            "--optimizer_in_backward makes every backward an optimizer step: gradient accumulation is not possible; "
+            "use --gradient_accumulation_steps 1 with a larger --per_device_train_batch_size."
+        )
+    if args.optimizer_in_backward and args.mixed_precision == "fp16":
+        parser.error("--optimizer_in_backward cannot unscale fp16 gradients before its updates: use bf16 or no.")
     checkpointing = args.checkpointing_steps
     if checkpointing is not None and checkpointing != "epoch" and not (checkpointing.isdigit() and int(checkpointing)):
         parser.error(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {checkpointing!r}.")
@@ -382,7 +405,7 @@ def main():
                 {"name": "all", "params": trainable, "lr": args.learning_rate, "weight_decay": args.weight_decay}
             ]
         # Fused AdamW is several times faster on CPU than the default foreach implementation.
-        optimizer = torch.optim.AdamW(groups, fused=True)
+        optimizer = (OptimizerInBackward if args.optimizer_in_backward else torch.optim.AdamW)(groups, fused=True)
 
         model, optimizer, stage_dataloader, *prepared_eval = accelerator.prepare(
             model, optimizer, train_dataloader, *eval_dataloaders.values()
@@ -430,7 +453,7 @@ def main():
                     accelerator.backward(outputs.loss)
                     terms = loss_terms.measure() if loss_terms else {"task_loss": outputs.loss.detach().float()}
                     step_losses.append(terms["task_loss"])
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
                         # The paper clips the diffs and the gate logits separately.
                         accelerator.unscale_gradients()
                         clip_grad_norm_per_group(optimizer, args.max_grad_norm)

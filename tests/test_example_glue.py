@@ -414,6 +414,17 @@ def three_label_model(tiny_model, tmp_path_factory) -> Path:
     return folder
 
 
+def test_optimizer_in_backward_trains_as_the_ordinary_optimizer(runs, tiny_model, eval_batch):
+    args = ["--per_device_train_batch_size", "8", "--max_grad_norm", "0"]
+    ordinary = load_results(runs("no_clipping", args))
+    output_dir = runs("in_backward", [*args, "--optimizer_in_backward"])
+    in_backward = load_results(output_dir)
+    assert in_backward["kept"] == ordinary["kept"]
+    for split, metrics in ordinary["metrics"].items():
+        assert in_backward["metrics"][split]["loss"] == pytest.approx(metrics["loss"], rel=1e-4), split
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, in_backward)
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
@@ -424,6 +435,8 @@ def three_label_model(tiny_model, tmp_path_factory) -> Path:
         ("target_sparsity_above_one", "--target_sparsity must be in (0, 1]"),
         ("group_l0_lambda_without_structured", "--group_l0_lambda weighs the group gates"),
         ("reference_results_missing", "--reference_results: "),
+        ("in_backward_with_clipping", "so per-group clipping cannot run: add --max_grad_norm 0"),
+        ("in_backward_with_accumulation", "gradient accumulation is not possible"),
     ],
 )
 def test_bad_input_fails_before_training(case, message, tiny_model, three_label_model, tmp_path):
@@ -435,7 +448,11 @@ def test_bad_input_fails_before_training(case, message, tiny_model, three_label_
         "target_sparsity_above_one": ["--target_sparsity", "1.5"],
         "group_l0_lambda_without_structured": ["--group_l0_lambda", "1e-7"],
         "reference_results_missing": ["--reference_results", str(tmp_path / "nowhere" / "results.json")],
-    }[case]
+        "in_backward_with_clipping": ["--optimizer_in_backward"],
+        "in_backward_with_accumulation": [
+            "--optimizer_in_backward", "--max_grad_norm", "0", "--gradient_accumulation_steps", "2"
+        ],
+    }[case]  # fmt: skip
     output_dir = tmp_path / "output"
     defaults = ["--model_name_or_path", str(tiny_model), "--data_dir", str(GLUE_DIR), "--output_dir", str(output_dir)]
     # later occurrences of an option win in argparse, so `args` overrides the defaults

@@ -35,7 +35,7 @@ def _dataset(n: int = 32) -> Dataset:
     )
 
 
-def _trainer(output_dir, l0_lambda: float = 1e-3, **schedule) -> DiffPruningTrainer:
+def _trainer(output_dir, l0_lambda: float = 1e-3, max_grad_norm: float = 1.0, **schedule) -> DiffPruningTrainer:
     model = get_peft_model(
         MODEL_CASES["bert"].model(),
         DiffPruningConfig(task_type="SEQ_CLS", target_sparsity=TARGET_SPARSITY, l0_lambda=l0_lambda),
@@ -44,6 +44,7 @@ def _trainer(output_dir, l0_lambda: float = 1e-3, **schedule) -> DiffPruningTrai
         str(output_dir),
         per_device_train_batch_size=8,
         learning_rate=1e-3,
+        max_grad_norm=max_grad_norm,
         max_steps=GATED_STEPS,
         logging_steps=1,
         save_steps=2,
@@ -181,6 +182,33 @@ def test_resume_true_takes_the_latest_checkpoint_of_the_later_stage(trained, tmp
     _, reference_dir = trained
     trainer = _trainer(reference_dir)
     assert trainer._find_checkpoint(str(reference_dir), True) == str(reference_dir / "fixmask" / "checkpoint-3")
+
+
+def test_optimizer_in_backward_trains_and_resumes_as_the_ordinary_optimizer(tmp_path):
+    adapters = {}
+    checkpoint = str(tmp_path / "in_backward" / "gated" / "checkpoint-2")
+    for name, in_backward, resume in (("ordinary", False, None), ("in_backward", True, None), ("resumed", True, True)):
+        trainer = _trainer(tmp_path / name, max_grad_norm=0.0, optimizer_in_backward=in_backward)
+        trainer.train(resume_from_checkpoint=checkpoint if resume else None)
+        trainer.save_model()
+        adapters[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+        if in_backward:
+            assert all(p.grad is None for p in trainer.model.parameters())
+    for key, tensor in adapters["ordinary"].items():
+        torch.testing.assert_close(adapters["in_backward"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(adapters["resumed"][key], adapters["in_backward"][key], msg=key)
+
+
+@pytest.mark.parametrize("args", [{"max_grad_norm": 1.0}, {"gradient_accumulation_steps": 2, "max_grad_norm": 0}])
+def test_optimizer_in_backward_refuses_clipping_and_accumulation(args, tmp_path):
+    model = get_peft_model(MODEL_CASES["bert"].model(), DiffPruningConfig(task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="cannot be clipped per group nor accumulated"):
+        DiffPruningTrainer(
+            model,
+            TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, **args),
+            train_dataset=_dataset(),
+            diff_pruning=DiffPruningSchedule(optimizer_in_backward=True),
+        )
 
 
 def test_an_optimizer_of_ones_own_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..diff_pruning.sparse import project_to_sparsity
+from .optim import OptimizerInBackward, unwrap_optimizer
 from .training import DiffPruningSchedule, LossTerms, clip_grad_norm_per_group, param_groups, stage_scheduler
 
 
@@ -60,7 +61,8 @@ class DiffPruningTrainerMixin:
       holds the sparse adapter. `resume_from_checkpoint=True` resumes from the latest, in either stage.
     - The optimizer is AdamW over [`param_groups`]: diffs at `learning_rate` with the `TrainingArguments`' linear
       decay and warmup, gate logits at the constant `diff_pruning.alpha_learning_rate`; `max_grad_norm` clips each
-      group apart.
+      group apart. `diff_pruning.optimizer_in_backward` runs AdamW in backward instead ([`OptimizerInBackward`]:
+      less peak memory; needs `max_grad_norm=0` and no gradient accumulation).
     - The logs (and every `report_to` tracker) get `task_loss`, `l0_term` and `expected_density` beside `loss`
       (the objective, the L0 term included).
     - `save_model()` after `train()` writes the sparse adapter.
@@ -86,6 +88,15 @@ class DiffPruningTrainerMixin:
                 f"lr_scheduler_type={self.args.lr_scheduler_type!r}: the diff pruning recipe decays the diffs' "
                 "learning rate linearly and keeps the gate logits' constant; use lr_scheduler_type='linear'."
             )
+        if self.diff_pruning.optimizer_in_backward and (
+            self.args.max_grad_norm or self.args.gradient_accumulation_steps > 1
+        ):
+            raise ValueError(
+                "DiffPruningSchedule(optimizer_in_backward=True) updates each parameter during backward: gradients "
+                "cannot be clipped per group nor accumulated. Set TrainingArguments(max_grad_norm=0, "
+                f"gradient_accumulation_steps=1) (got {self.args.max_grad_norm} and "
+                f"{self.args.gradient_accumulation_steps})."
+            )
         self._loss_terms = LossTerms(self.model)
         self.stage = "gated" if self._loss_terms.gated() else "fixmask"
         self._term_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
@@ -103,7 +114,8 @@ class DiffPruningTrainerMixin:
             if self.stage == "fixmask" and self.diff_pruning.fixmask_learning_rate is not None:
                 lr = self.diff_pruning.fixmask_learning_rate
             groups = param_groups(self.model, lr, self.diff_pruning.alpha_learning_rate, self.args.weight_decay)
-            self.optimizer = torch.optim.AdamW(
+            optimizer_class = OptimizerInBackward if self.diff_pruning.optimizer_in_backward else torch.optim.AdamW
+            self.optimizer = optimizer_class(
                 groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
             )
         return self.optimizer
@@ -205,6 +217,8 @@ class DiffPruningTrainerMixin:
         """Project the gated diff to `target_sparsity` and set up the fixed-mask stage (a new optimizer)."""
         report = project_to_sparsity(self.model, self.diff_pruning.target_sparsity)
         self.stage = "fixmask"
+        if isinstance(unwrap_optimizer(self.optimizer), OptimizerInBackward):
+            unwrap_optimizer(self.optimizer).remove_hooks()
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model
         self.log({"projection/kept": float(report.kept), "projection/density": report.kept / report.total_parameters})

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..diff_pruning.model import get_tuner
 from ..diff_pruning.sparse import base_parameter_count
+from .optim import OptimizerInBackward, unwrap_optimizer
 
 
 #: The stages of diff pruning, in order.
@@ -34,6 +35,9 @@ class DiffPruningSchedule:
         fixmask_epochs: Epochs of stage 2 (the paper: 3, or 5 on MRPC, STS-B and RTE).
         fixmask_max_steps: If positive, the optimizer steps of stage 2 (overrides `fixmask_epochs`).
         target_sparsity: Fraction of the parameters projection keeps; `None` takes the adapter config's.
+        optimizer_in_backward: Update each parameter in backward and free its gradient there
+            ([`OptimizerInBackward`]): less peak memory, but no gradient clipping (`max_grad_norm=0`) and no
+            gradient accumulation.
     """
 
     alpha_learning_rate: float = 0.1
@@ -41,6 +45,7 @@ class DiffPruningSchedule:
     fixmask_epochs: float = 1.0
     fixmask_max_steps: int = -1
     target_sparsity: float | None = None
+    optimizer_in_backward: bool = False
 
     def __post_init__(self):
         if not self.alpha_learning_rate > 0:
@@ -98,8 +103,15 @@ def clip_grad_norm_per_group(optimizer: torch.optim.Optimizer, max_norm: float) 
     """Clip the gradients of each parameter group to `max_norm` on its own, as the paper clips `w` and `alpha`.
 
     A global norm would let the gate logits' gradients, which the penalty makes large, shrink the diffs' steps.
-    Returns the norm of all gradients before clipping (what `Trainer` logs as `grad_norm`).
+    Returns the norm of all gradients before clipping (what `Trainer` logs as `grad_norm`). An
+    [`OptimizerInBackward`] is refused: it has applied and freed the gradients by the time a group's norm exists.
     """
+    if isinstance(unwrap_optimizer(optimizer), OptimizerInBackward):
+        raise ValueError(
+            "Per-group gradient clipping needs every gradient of a group at once, but OptimizerInBackward has "
+            "applied and freed each one during backward: train without clipping (max_grad_norm=0), or use an "
+            "ordinary optimizer."
+        )
     norms = [
         torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
         for group in optimizer.param_groups
