@@ -142,7 +142,7 @@ def parse_args():
         "--optimizer_in_backward",
         action="store_true",
         help="Update each parameter in backward and free its gradient there (less peak memory; one process, no "
-        "clipping, no gradient accumulation: see docs/memory.md).",
+        "clipping, no gradient accumulation: see docs/distributed.md).",
     )
     parser.add_argument(
         "--values_dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of saved diffs."
