@@ -350,6 +350,11 @@ class DiffPruningModel(BaseTuner):
             return torch.zeros((), dtype=torch.float32)
         return self._weighted_l0(adapter_name, weights)
 
+    def last_l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor | None:
+        """The value of [`l0_penalty`] that the last training forward added to the loss for an adapter (detached),
+        or None if that forward added none: what a loop logs, without another pass over every gate logit."""
+        return getattr(self, "_last_l0_penalty", {}).get(adapter_name or self.active_adapters[0])
+
     def _l0_weights(self, adapter_name: str) -> L0Weights | None:
         """How the penalty of `adapter_name` enters the loss; None when it adds nothing."""
         config = self.peft_config[adapter_name]
@@ -394,6 +399,7 @@ class DiffPruningModel(BaseTuner):
     def _collect_l0_penalty(self, module: nn.Module, args: Any) -> None:
         """Before a training forward: let the gated layers record their penalty terms (see [`_add_l0_penalty`])."""
         close_penalty_terms(id(self))
+        self._last_l0_penalty = {}
         if not (module.training and torch.is_grad_enabled()):
             return
         states, weights = {}, {}
@@ -427,6 +433,7 @@ class DiffPruningModel(BaseTuner):
                     term = self._weighted_l0(adapter_name, weights)
                 else:
                     term = self._weighted_l0(adapter_name, weights, recorded.states.get(adapter_name), recorded)
+                self._last_l0_penalty[adapter_name] = term.detach()
                 penalty = penalty + term.to(loss.device)
         loss = (loss.float() + penalty).to(loss.dtype)
         if as_tuple:

@@ -153,7 +153,9 @@ class LossTerms:
         if self.task_loss is not None:
             terms["task_loss"] = self.task_loss
         if self.gated():
-            terms["l0_term"] = self.tuner.l0_penalty().float()
+            # the term the last forward added (computed there by the gates' own nodes), else computed now
+            l0_term = self.tuner.last_l0_penalty()
+            terms["l0_term"] = (self.tuner.l0_penalty() if l0_term is None else l0_term).float()
             terms["expected_density"] = self.tuner.expected_l0() / base_parameter_count(self.tuner)
         return terms
 
