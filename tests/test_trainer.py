@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -248,16 +249,23 @@ def test_the_l0_term_counts_once_per_step_under_gradient_accumulation(tmp_path):
 
 
 DDP_SCRIPT = """
-import sys, torch
+import gc, os, sys, torch
 sys.path.insert(0, {tests!r})
 import test_trainer
 trainer = test_trainer._trainer(sys.argv[1])
 trainer.train()
 trainer.save_model()
 print("WORLD", trainer.args.world_size, "STAGE", trainer.stage, flush=True)
-# Trainer leaves the process group up; torn down at exit, gloo's threads sometimes abort ("terminate called
-# without an active exception")
+# Trainer leaves the process group up, held by the DDP wrapper. Left to the interpreter's teardown, gloo's threads
+# sometimes abort there ("terminate called without an active exception", CI once). So: every rank done, the wrapper
+# dropped, the group destroyed while the interpreter is whole, and no teardown after it.
+torch.distributed.barrier()
+del trainer
+gc.collect()
 torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -270,10 +278,12 @@ def test_two_processes_train_both_stages_under_ddp(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # an abort prints each thread's Python stack
     result = subprocess.run(
-        [*command, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+        [*command, str(script), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-3000:]}"
     assert result.stdout.count("WORLD 2 STAGE fixmask") == 2
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert sum(saved["kept_pattern"].values()) == round(
