@@ -144,6 +144,25 @@ def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
+def _fill_with_zeros(kept_entries, numels: list[int], budget: int, budgets: list[int] | None):
+    """Fill a pool's budget as the dense ranking fills it: its non-zero entries, then zero entries at the lowest
+    positions whose diff is zero (in or outside the pool), in module order (`budget`, global) or per tensor
+    (`budgets`). Projecting a pool so gives the dense projection of a diff that is zero outside the pool."""
+    nonzero = [(positions[values != 0], values[values != 0]) for positions, values in kept_entries]
+    left = budget - sum(positions.numel() for positions, _ in nonzero) if budgets is None else 0
+    filled = []
+    for i, ((positions, values), numel) in enumerate(zip(nonzero, numels, strict=True)):
+        count = min(left if budgets is None else budgets[i] - positions.numel(), numel - positions.numel())
+        span = torch.arange(count + positions.numel(), device=positions.device)
+        free = span[~torch.isin(span, positions)][:count]
+        left -= free.numel()
+        order = torch.cat([positions, free]).argsort()
+        filled.append(
+            (torch.cat([positions, free])[order], torch.cat([values, values.new_zeros(free.numel())])[order])
+        )
+    return filled
+
+
 def _sharded_projection(entries, target_sparsity: float, scope: str, total: int):
     """`(positions, values)` of every entry of an FSDP2-sharded gated adapter, ranked without gathering it."""
     if any(state.is_sparse(name) for _, _, state, name, _ in entries):
@@ -216,7 +235,7 @@ def project_to_sparsity(
         candidates = [_candidates(state, name, base) for _, _, state, name, base in entries]
         diffs = [values for _, values in candidates]
         if scope == "global":
-            budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
+            budget = min(round(target_sparsity * total), sum(entry[4].numel() for entry in entries))
             magnitudes = torch.cat([d.abs().cpu() for d in diffs])
             selected = _top_positions(magnitudes, budget)
             del magnitudes
@@ -232,6 +251,12 @@ def project_to_sparsity(
         for (pool, d), kept in zip(candidates, positions, strict=True):
             kept = kept.to(d.device)
             kept_entries.append((kept if pool is None else pool[kept], d[kept]))
+        if any(pool is not None for pool, _ in candidates):
+            numels = [entry[4].numel() for entry in entries]
+            if scope == "global":
+                kept_entries = _fill_with_zeros(kept_entries, numels, budget, None)
+            else:
+                kept_entries = _fill_with_zeros(kept_entries, numels, 0, [round(target_sparsity * n) for n in numels])
 
     kept_pattern = {}
     new_states: dict[str, DiffState] = {}
