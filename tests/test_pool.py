@@ -395,18 +395,17 @@ def test_a_pool_adapter_beside_a_dense_one():
     assert not pool_states(model)  # the dense adapter holds no pool
 
 
-def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
+def pool_trainer(output_dir, **arguments):
+    """The recipe's Trainer on a pool whose gates start nearly closed under a strong penalty: they close within a few
+    steps, so regrowth (every 2 steps, from the last 2 batches) has work to do."""
     from datasets import Dataset
     from transformers import TrainingArguments
 
     from peft_diffprune import DiffPruningSchedule, DiffPruningTrainer
-    from peft_diffprune.diff_pruning.sparse import base_parameter_count
 
     case = MODEL_CASES["bert"]
-    # gates that start nearly closed, under a strong penalty, close within a few steps: regrowth has work to do
     model = pool_model(case, alpha_init=0.3, pool_regrow_steps=2, pool_score_batches=2)
-    config = model.peft_config["default"]
-    config.l0_lambda = 1.0
+    model.peft_config["default"].l0_lambda = 1.0
     generator = torch.Generator().manual_seed(0)
     data = Dataset.from_dict(
         {
@@ -415,11 +414,26 @@ def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
         }
     )
     args = TrainingArguments(
-        str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-3, max_steps=4, report_to=[], use_cpu=True
+        str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=4,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        **arguments,
     )
-    args.save_strategy = "no"
     schedule = DiffPruningSchedule(fixmask_max_steps=2, alpha_learning_rate=0.5, target_sparsity=SPARSITY)
-    trainer = DiffPruningTrainer(model, args, train_dataset=data, diff_pruning=schedule)
+    return DiffPruningTrainer(model, args, train_dataset=data, diff_pruning=schedule)
+
+
+def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
+    from peft_diffprune.diff_pruning.sparse import base_parameter_count
+
+    trainer = pool_trainer(tmp_path, save_strategy="no")
+    model, config = trainer.model, trainer.model.peft_config["default"]
     regrown = []
     step = trainer._pool.step
     trainer._pool.step = lambda *a: regrown.append(step(*a)) or regrown[-1]
@@ -430,8 +444,23 @@ def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
     assert len(regrown) == 4 and regrown[1] > 0 and regrown[0] == regrown[2] == 0  # at steps 2 and 4
     assert sum(config.kept_pattern.values()) == round(SPARSITY * base_parameter_count(model.base_model))
     trainer.save_model()
-    loaded = PeftModel.from_pretrained(case.model(), tmp_path)
+    loaded = PeftModel.from_pretrained(MODEL_CASES["bert"].model(), tmp_path)
     assert loaded.peft_config["default"].kept_pattern == config.kept_pattern
+
+
+def test_trainer_resumes_a_gated_pool_checkpoint_as_the_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    reference = pool_trainer(tmp_path / "a", save_steps=2)
+    reference.train()
+    reference.save_model()
+    resumed = pool_trainer(tmp_path / "b", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "gated" / "checkpoint-2"))
+    resumed.save_model()
+    expected, got = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
 
 
 @pytest.fixture(scope="module")
