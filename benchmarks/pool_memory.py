@@ -9,6 +9,11 @@ tenth of its gates closed) are measured in a worker of their own.
 
     python benchmarks/pool_memory.py --model minilm --batch_size 32 --seq_len 128 --rounds 6 --warmup 2 \
         --output benchmarks/results/pool_memory_minilm.json
+    flock /work/wt/big.lock python benchmarks/pool_memory.py --model bert-base --batch_size 8 --seq_len 128 \
+        --rounds 4 --warmup 1 --max_workers 2 --output benchmarks/results/pool_memory_bert_base.json
+
+With `--max_workers 2` each method runs beside its own full fine-tuning worker (BERT-base's dense gated stage and
+full fine-tuning take 9 GB together; four workers at once would not fit the machine beside other jobs).
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=train_step.DTYPES, default="fp32")
     parser.add_argument("--optimizer", choices=train_step.OPTIMIZERS, default="fused")
     parser.add_argument("--pool", type=float, default=4.0, help="pool size as a multiple of the 0.5%% budget")
+    parser.add_argument("--max_workers", type=int, default=len(METHODS), help="workers alive at once (train_step)")
     parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
     args = parser.parse_args()
     BATCH_SHAPE = (args.batch_size, args.seq_len)
@@ -116,7 +122,7 @@ def main() -> None:
         k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool")
     }
     train_step.Worker = PoolWorker  # `measure` starts its workers through this name
-    results = train_step.measure(args.methods, settings, args.rounds, args.warmup, max_workers=len(args.methods))
+    results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     if "pool" in args.methods:
         one_off = subprocess.run(
             [sys.executable, __file__, "--one_off", *[f"--{k}={v}" for k, v in settings.items()]],
@@ -125,7 +131,8 @@ def main() -> None:
             check=True,
         )
         results["pool"]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
-    write_record(args.output, {**settings, "rounds": args.rounds, "warmup": args.warmup}, results)
+    record = {**settings, "rounds": args.rounds, "warmup": args.warmup, "max_workers": args.max_workers}
+    write_record(args.output, record, results)
 
 
 if __name__ == "__main__":
