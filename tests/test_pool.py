@@ -19,6 +19,7 @@ from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, 
 from peft_diffprune.diff_pruning import gates
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 from peft_diffprune.diff_pruning.pool import is_pool, pool_positions
+from peft_diffprune.diff_pruning.sparse import base_parameter_count
 
 
 SPARSITY = 0.05
@@ -193,10 +194,7 @@ def test_only_pool_entries_carry_state():
     before = [n for n, p in model.named_parameters() if ".diff_pruning_state." in n]
     assert before == []  # nothing is allocated before the pool is chosen
     pattern = select_pool(model, [case.batch(1)])
-    tuner = model.base_model
-    from peft_diffprune.diff_pruning.sparse import base_parameter_count
-
-    size = round(POOL * SPARSITY * base_parameter_count(tuner))
+    size = round(POOL * SPARSITY * base_parameter_count(model.base_model))
     assert sum(pattern.values()) == size
     params = {n: p for n, p in model.named_parameters() if ".diff_pruning_state." in n}
     buffers = {n: b for n, b in model.named_buffers() if ".diff_pruning_state." in n}
@@ -333,9 +331,10 @@ def test_every_model_trains_merges_and_projects_with_a_pool(model_name):
     assert 0 < report.kept <= round(SPARSITY * report.total_parameters)
 
 
-def test_gated_pool_checkpoint_round_trip(tmp_path):
+@pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
+def test_gated_pool_checkpoint_round_trip(tmp_path, structured):
     case = MODEL_CASES["bert"]
-    model = pool_model(case)
+    model = pool_model(case, structured=structured)
     select_pool(model, [case.batch(1)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     state_grads(model, case.batch())
@@ -430,8 +429,6 @@ def pool_trainer(output_dir, **arguments):
 
 
 def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
-    from peft_diffprune.diff_pruning.sparse import base_parameter_count
-
     trainer = pool_trainer(tmp_path, save_strategy="no")
     model, config = trainer.model, trainer.model.peft_config["default"]
     regrown = []
@@ -490,3 +487,17 @@ def test_fsdp_trains_a_pool_chosen_before_sharding(two_ranks, kind):
     assert two_ranks[f"{kind}/pool/loss"] < 1e-5
     assert two_ranks[f"{kind}/pool/grads"] < 1e-5
     assert two_ranks[f"{kind}/regrow_refused"] == 1.0  # with a clear error naming the fix
+
+
+@pytest.mark.parametrize("model_name", ["bert", "llama"])
+def test_a_bf16_base_trains_an_fp32_pool(model_name):
+    """As PEFT's default `autocast_adapter_dtype` makes the dense state: fp32 pool state on a bf16 base."""
+    case = MODEL_CASES[model_name]
+    config = DiffPruningConfig(task_type=case.task_type, target_sparsity=SPARSITY, candidate_pool=POOL, l0_lambda=1e-2)
+    model = get_peft_model(case.model(dtype=torch.bfloat16), config)
+    select_pool(model, [case.batch(1)])
+    state = {n: p for n, p in model.named_parameters() if ".diff_pruning_state." in n}
+    assert state and {p.dtype for p in state.values()} == {torch.float32}
+    loss = state_grads(model, case.batch())
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in state.values())
+    assert project_to_sparsity(model).kept == round(SPARSITY * base_parameter_count(model.base_model))
