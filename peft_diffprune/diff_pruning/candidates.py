@@ -54,9 +54,9 @@ class _RunningTop:
         known = self.positions[key].to(scores.device)
         known_scores = self.scores[key].to(scores.device) + scores[known]
         scores[known] = 0.0
-        new = (scores > self.thresholds[key]).nonzero().squeeze(1)
-        if new.numel() > self.sizes[key]:
-            new = new[_top_positions(scores[new], self.sizes[key])]
+        # the best `size` first, then those above the threshold: O(size) indices, never one per entry of the tensor
+        new = _top_positions(scores, self.sizes[key])
+        new = new[scores[new] > self.thresholds[key]]
         self.positions[key] = torch.cat([known, new]).cpu()
         self.scores[key] = torch.cat([known_scores, scores[new]]).cpu()
         if self.total is None:
