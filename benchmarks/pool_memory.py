@@ -91,6 +91,18 @@ def one_off_costs(args) -> None:
     )
 
 
+def alone(method: str, settings: dict, rounds: int, warmup: int) -> dict:
+    """Step times and peak RSS of one method in its own worker, with no reference beside it: for a configuration
+    that must stay under the machine's per-process memory limit while its reference would not (BERT-base's full
+    fine-tuning takes more than 3 GiB); compare with a reference measured elsewhere."""
+    worker = PoolWorker(method, settings)
+    try:
+        times = [worker.ask("step")["step_time_s"] for _ in range(warmup + rounds)][warmup:]
+        return {"step_time_s": sorted(times)[len(times) // 2], "step_times_s": times, **worker.ready, **worker.close()}
+    finally:
+        worker.process.kill()
+
+
 def main() -> None:
     global BATCH_SHAPE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +119,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=train_step.OPTIMIZERS, default="fused")
     parser.add_argument("--pool", type=float, default=4.0, help="pool size as a multiple of the 0.5%% budget")
     parser.add_argument("--max_workers", type=int, default=len(METHODS), help="workers alive at once (train_step)")
+    parser.add_argument(
+        "--alone", action="store_true", help="run the methods one after another without a reference (no ratios)"
+    )
     parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
     args = parser.parse_args()
     BATCH_SHAPE = (args.batch_size, args.seq_len)
@@ -122,7 +137,10 @@ def main() -> None:
         k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool")
     }
     train_step.Worker = PoolWorker  # `measure` starts its workers through this name
-    results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
+    if args.alone:
+        results = {method: alone(method, settings, args.rounds, args.warmup) for method in args.methods}
+    else:
+        results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     if "pool" in args.methods:
         one_off = subprocess.run(
             [sys.executable, __file__, "--one_off", *[f"--{k}={v}" for k, v in settings.items()]],
