@@ -58,6 +58,8 @@ TASKS = list(BUDGETS["cpu"])
 METHODS = {
     "full": ["--method", "full", "--learning_rate", "1e-4"],
     "diff_pruning": ["--method", "diff_pruning"],
+    # the gated stage over a candidate pool of 4x the budget, regrown every 50 steps (issue 15)
+    "diff_pruning_pool": ["--method", "diff_pruning", "--candidate_pool", "4", "--pool_regrow_steps", "50"],
     "structured": ["--method", "diff_pruning", "--structured"],
     "lora": ["--method", "lora", "--lora_r", "12"],
     "non_adaptive": ["--method", "non_adaptive", "--learning_rate", "1e-4"],

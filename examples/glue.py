@@ -56,8 +56,9 @@ from peft_diffprune.recipe.baselines import BUILDERS, DEFAULT_LEARNING_RATES, DI
 from peft_diffprune.recipe.glue import GLUE_TASKS, evaluate_glue, get_glue_task, label_maps, load_glue, tokenize_glue
 from peft_diffprune.recipe.hub import packaged_minilm_path
 from peft_diffprune.recipe.launch import make_accelerator, require_packages
-from peft_diffprune.recipe.optim import OptimizerInBackward
+from peft_diffprune.recipe.optim import OptimizerInBackward, unwrap_optimizer
 from peft_diffprune.recipe.plots import plot_layer_density, plot_training_curves
+from peft_diffprune.recipe.pool import PoolRegrowth, choose_pool
 from peft_diffprune.recipe.results import load_results, report_from_json, report_to_json, results_table
 
 
@@ -110,6 +111,19 @@ def parse_args():
         "thousands of steps but leaves most gates open in a few hundred (docs/training.md).",
     )
     parser.add_argument("--structured", action="store_true", help="Structured diff pruning: one gate per tensor.")
+    parser.add_argument(
+        "--candidate_pool",
+        type=float,
+        default=None,
+        help="Gate only a pool of candidate entries, this many times the budget (e.g. 4), chosen from the task "
+        "loss's gradients on the first batches: the gated stage's memory then grows with the budget.",
+    )
+    parser.add_argument(
+        "--pool_regrow_steps",
+        type=int,
+        default=0,
+        help="With --candidate_pool: every N steps replace the pool entries whose gates closed (0: never).",
+    )
     parser.add_argument(
         "--group_l0_lambda",
         type=float,
@@ -382,8 +396,12 @@ def main():
                 structured=args.structured,
                 group_l0_lambda=args.group_l0_lambda,
                 target_modules=DIFF_PLACEMENTS[args.diff_placement],
+                candidate_pool=args.candidate_pool,
+                pool_regrow_steps=args.pool_regrow_steps,
             )
-            model = get_peft_model(load_base_model(), config)
+            model = get_peft_model(load_base_model(), config).to(accelerator.device)
+            # the same first batches on a resumed run: the same pool, whose positions the checkpoint then restores
+            choose_pool(model, ({k: v.to(accelerator.device) for k, v in b.items()} for b in train_dataloader))
             groups = param_groups(model, args.learning_rate, args.alpha_learning_rate, args.weight_decay)
         elif stage == "fixmask":
             # Stage 2 runs on a model built from the projected config, whether we come from stage 1 or from a
@@ -424,6 +442,7 @@ def main():
         report = sparsity_report(unwrapped) if stage in ("gated", "fixmask") else None
         # The task loss apart from the L0 term the model adds in the gated stage (and expected density).
         loss_terms = LossTerms(unwrapped) if stage in ("gated", "fixmask") else None
+        pool = PoolRegrowth(unwrapped) if stage == "gated" else None
 
         logger.info(f"***** Stage {stage} *****")
         logger.info(f"  Examples = {len(tokenized['train'])}, epochs = {num_epochs}, optimizer steps = {max_steps}")
@@ -448,6 +467,8 @@ def main():
                 # of a batch do not depend on what ran before it, and a resumed run repeats the uninterrupted one.
                 seed = [args.seed, stages.index(stage), accelerator.process_index, epoch, batch_index]
                 torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+                if pool is not None:
+                    pool.record(batch)
                 with accelerator.accumulate(model):
                     outputs = model(**batch)
                     accelerator.backward(outputs.loss)
@@ -463,6 +484,8 @@ def main():
                     continue
                 scheduler.step()
                 progress.update(epoch=epoch, batch=batch_index + 1, step=progress["step"] + 1)
+                if pool is not None:
+                    pool.step(progress["step"], unwrap_optimizer(optimizer))
                 progress["global_step"] += 1
                 progress_bar.update(1)
 

@@ -9,6 +9,8 @@ from .diff_pruning import (
     get_tuner,
     hard_concrete_delta,
     project_to_sparsity,
+    regrow_pool,
+    select_pool,
     sparsity_report,
 )
 from .mam import MAMConfig, MAMModel
@@ -54,6 +56,8 @@ __all__ = [
     "hard_concrete_delta",
     "param_groups",
     "project_to_sparsity",
+    "regrow_pool",
+    "select_pool",
     "sparsity_report",
     "stage_scheduler",
 ]

@@ -563,3 +563,19 @@ def test_launches_that_would_not_train_as_asked_stop_before_training(case, tiny_
     assert message in result.stderr
     assert "Stage gated" not in result.stdout + result.stderr
     assert not (output_dir / "results.json").exists()
+
+
+def test_diff_pruning_over_a_candidate_pool(runs, tiny_model, eval_batch):
+    """--candidate_pool: the gated stage trains only the pool (2 numbers per entry and the head), regrows it, and
+    projects it to the same budget; the saved adapter reproduces the reported metrics."""
+    output_dir = runs(
+        "candidate_pool",
+        ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"],
+    )
+    results = load_results(output_dir)
+    assert results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
+    log = (output_dir / "stdout.txt").read_text()
+    trainable = int(log.split("Stage gated")[1].split("Trainable parameters = ")[1].split()[0].replace(",", ""))
+    head = 32 * 2 + 2
+    assert trainable == 2 * round(4 * TARGET_SPARSITY * results["total_parameters"]) + head
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)

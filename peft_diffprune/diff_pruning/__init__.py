@@ -1,3 +1,4 @@
+from .candidates import regrow_pool, select_pool
 from .config import DiffPruningConfig
 from .distributed import gather_adapter_state_dict
 from .gates import deterministic_gate, hard_concrete_delta
@@ -16,5 +17,7 @@ __all__ = [
     "get_tuner",
     "hard_concrete_delta",
     "project_to_sparsity",
+    "regrow_pool",
+    "select_pool",
     "sparsity_report",
 ]

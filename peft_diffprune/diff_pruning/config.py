@@ -69,6 +69,20 @@ class DiffPruningConfig(PeftConfig):
             Set by [`project_to_sparsity`]: the number of kept diff entries per targeted parameter (keys
             `"<module name>.<parameter name>"`). When it is set, layers are built in the sparse state (encoded
             positions and values, no gates), which is what saved sparse adapters load into.
+        candidate_pool (`Optional[float]`):
+            Train the gated stage over a pool of candidate entries instead of the whole model: only
+            `round(candidate_pool * target_sparsity * N)` entries (a multiple >= 1 of the final budget) carry a diff
+            and a gate logit, chosen by [`select_pool`] from the task loss's gradients. `None` (default) gates every
+            entry, as in the paper. See docs/concepts.md.
+        pool_pattern (`dict[str, int]`):
+            Set by [`select_pool`]: the number of pool entries per targeted parameter. When it is set (and
+            `kept_pattern` is not), layers are built in the pool state, which is what saved gated pool checkpoints
+            load into.
+        pool_regrow_steps (`int`):
+            With `candidate_pool`: every this many optimizer steps the recipe drops the pool entries whose gates
+            closed and regrows as many new candidates (see [`regrow_pool`]); 0 (default) never regrows.
+        pool_score_batches (`int`):
+            With `candidate_pool`: batches whose gradients score the candidates, at selection and at regrowth.
         values_dtype (`str`):
             Dtype of the diff values written by `save_pretrained`: `"float32"` (default), `"float16"` or
             `"bfloat16"`. In memory the adapter state follows PEFT's `autocast_adapter_dtype`: fp32 by default,
@@ -137,6 +151,27 @@ class DiffPruningConfig(PeftConfig):
             )
         },
     )
+    candidate_pool: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Gate only a pool of candidate entries, this many times the final budget (>= 1), chosen from the "
+                "task loss's gradients; None gates every entry."
+            )
+        },
+    )
+    pool_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Pool entries per '<module>.<parameter>'; set by select_pool."},
+    )
+    pool_regrow_steps: int = field(
+        default=0,
+        metadata={"help": "Drop closed pool entries and regrow new candidates every this many steps; 0: never."},
+    )
+    pool_score_batches: int = field(
+        default=4,
+        metadata={"help": "Batches whose gradients score the pool's candidates."},
+    )
 
     values_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32",
@@ -204,6 +239,23 @@ class DiffPruningConfig(PeftConfig):
                 f"This adapter has format version {self.format_version!r}, but this peft_diffprune reads versions 1 to "
                 f"{FORMAT_VERSION}: upgrade peft_diffprune (pip install -U peft_diffprune) to load it."
             )
-        for key, count in self.kept_pattern.items():
+        if self.candidate_pool is not None and not (
+            isinstance(self.candidate_pool, (int, float))
+            and math.isfinite(self.candidate_pool)
+            and self.candidate_pool >= 1
+        ):
+            raise ValueError(
+                f"candidate_pool is the pool size as a multiple of the final budget and must be >= 1 (e.g. 4.0), got "
+                f"{self.candidate_pool!r}; None gates every entry."
+            )
+        if self.pool_pattern and self.candidate_pool is None:
+            raise ValueError(
+                "pool_pattern is set but candidate_pool is None: set candidate_pool, or clear pool_pattern."
+            )
+        for attr in ("pool_regrow_steps", "pool_score_batches"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value < (0 if attr == "pool_regrow_steps" else 1):
+                raise ValueError(f"{attr} must be an int >= {0 if attr == 'pool_regrow_steps' else 1}, got {value!r}.")
+        for key, count in {**self.kept_pattern, **self.pool_pattern}.items():
             if not isinstance(count, int) or count < 0:
-                raise ValueError(f"kept_pattern[{key!r}] must be a non-negative int, got {count!r}.")
+                raise ValueError(f"kept_pattern / pool_pattern [{key!r}] must be a non-negative int, got {count!r}.")

@@ -16,6 +16,7 @@ from .distributed import is_shard
 from .encoding import decode_positions, encode_positions, encoded_size
 from .functional import gated_diff_linear, sparse_diff_linear
 from .gates import L0Weights, deterministic_gate, hard_concrete_delta_and_penalty, sample_group_gate
+from .pool import add_pool, is_pool, pool_apply, pool_linear, pool_rows_delta, pool_sparse_delta
 
 
 #: Standard deviation of the random diff drawn with `init_weights=False`.
@@ -128,7 +129,8 @@ class DiffState(nn.Module):
     For every targeted parameter `t` of the base module it holds either the gated state of training
     (`{t}_diff`: the dense diff `w`, `{t}_alpha`: gate logits, `{t}_group_alpha`: the structured group logit) or the
     sparse state after projection (`{t}_positions`: the Elias-Fano code of the kept flat positions, a persistent
-    uint8 buffer, `{t}_values`: the kept diff entries). Keeping the sparse state as real module state is what lets every PEFT and transformers
+    uint8 buffer, `{t}_values`: the kept diff entries), or, with a candidate pool, the pool state (`pool.py`:
+    `{t}_pool_positions` and 1-d `{t}_diff`, `{t}_alpha` over them). Keeping the sparse state as real module state is what lets every PEFT and transformers
     loader restore it.
     """
 
@@ -139,6 +141,7 @@ class DiffState(nn.Module):
         self.tensor_names: list[str] = []
         self.outside_fsdp = False  # made by projecting a sharded model (see sparse.py)
         self._decoded: dict[str, tuple[tuple, torch.Tensor]] = {}
+        self.pool_shapes: dict[str, tuple[int, ...]] = {}  # base shapes of the tensors in the pool state
 
     def is_sparse(self, name: str) -> bool:
         return hasattr(self, f"{name}_positions")
@@ -227,7 +230,9 @@ class DiffState(nn.Module):
 
     def tensors(self, name: str) -> list[torch.Tensor]:
         """Every tensor that determines the diff of parameter `name` (used to key the eval cache)."""
-        suffixes = ("positions", "values") if self.is_sparse(name) else ("diff", "alpha", "group_alpha")
+        suffixes = (
+            ("positions", "values") if self.is_sparse(name) else ("diff", "alpha", "group_alpha", "pool_positions")
+        )
         return [getattr(self, f"{name}_{s}") for s in suffixes if hasattr(self, f"{name}_{s}")]
 
     def group_gate(self, name: str, sample: bool) -> torch.Tensor | None:
@@ -259,8 +264,10 @@ class DiffState(nn.Module):
         """`z * w` (times the group gate): sampled in training, deterministic in eval; only `rows` if given.
 
         Sampling also records the tensor's expected-L0 penalty (over all rows) when the model collects it; `group`
-        is an already sampled group gate.
+        is an already sampled group gate. A pool's diff is 1-d, over its entries (see `pool.py`).
         """
+        if rows is not None and is_pool(self, name):
+            return pool_rows_delta(self, name, rows, sample, group)
         if sample:
             weights = self.penalty_weights()
             diff, alpha, group, group_alpha = self.gate_inputs(name, group)
@@ -283,12 +290,16 @@ class DiffState(nn.Module):
             positions = self.positions(name, base.numel())
             values = getattr(self, f"{name}_values").to(base.dtype)
             return base.reshape(-1).index_add(0, positions, values).view_as(base)
+        if is_pool(self, name):
+            return pool_apply(self, name, base, sample, group)
         return base + self.gated_delta(name, sample, group=group).to(base.dtype)
 
     def sparse_delta(self, name: str, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The diff as flat `(positions, values)`: the kept entries, or the non-zeros under the deterministic gate."""
         if self.is_sparse(name):
             return self.positions(name, numel), getattr(self, f"{name}_values").detach()
+        if is_pool(self, name):
+            return pool_sparse_delta(self, name)
         delta = self.gated_delta(name, sample=False).detach().reshape(-1)
         positions = delta.nonzero().squeeze(1)
         return positions, delta.index_select(0, positions)
@@ -366,7 +377,8 @@ class DiffPruningLayer(BaseTunerLayer):
         module_name: str = "",
         shared_diff: tuple[DiffPruningLayer | None, frozenset[str]] | None = None,
     ) -> None:
-        """Create the diff state of `adapter_name`: gated, or sparse when `config.kept_pattern` is set.
+        """Create the diff state of `adapter_name`: gated, sparse when `config.kept_pattern` is set, or over a
+        candidate pool with `config.candidate_pool` (empty until `select_pool` fills it from `pool_pattern`).
 
         `shared_diff` is `(owner, names)` for parameters tied to those of another wrapped layer, `owner` (e.g. an LM
         head tied to the input embedding): they get no state here, the owner's diff applies to them.
@@ -377,17 +389,20 @@ class DiffPruningLayer(BaseTunerLayer):
         for name, param in self.base_parameters().items():
             if name in self._shared_diff[1]:
                 continue
-            if not config.kept_pattern:
+            if not config.kept_pattern and config.candidate_pool is None:
                 state.add_gated(name, param, config)
                 continue
-            num_kept = config.kept_pattern.get(f"{module_name}.{name}" if module_name else name, 0)
+            pattern = config.kept_pattern or config.pool_pattern
+            num_kept = pattern.get(f"{module_name}.{name}" if module_name else name, 0)
             if num_kept > param.numel():
                 raise ValueError(
-                    f"kept_pattern asks for {num_kept} entries of {module_name}.{name}, which has only "
+                    f"{'kept_pattern' if config.kept_pattern else 'pool_pattern'} asks for {num_kept} entries of {module_name}.{name}, which has only "
                     f"{param.numel()}: the adapter was made for a different base model."
                 )
-            if num_kept > 0:
+            if num_kept > 0 and config.kept_pattern:
                 state.add_sparse(name, param, num_kept, config)
+            elif num_kept > 0:
+                add_pool(state, name, param, num_kept, config)
         self.diff_pruning_state[adapter_name] = state
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -610,6 +625,8 @@ class GenericLayer(WrappedModule):
                 if name in state.tensor_names
             }
             return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
+        if training and all(is_pool(state, name) for name in state.tensor_names):
+            return pool_linear(state, x, base)
         gated = x.dtype == base.weight.dtype and "weight" in state.tensor_names
         if training and gated and not any(state.is_sparse(name) for name in state.tensor_names):
             diffs = {name: state.gate_inputs(name) for name in state.tensor_names}

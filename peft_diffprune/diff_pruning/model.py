@@ -404,6 +404,12 @@ class DiffPruningModel(BaseTuner):
             return
         states, weights = {}, {}
         for adapter_name in self.active_adapters:
+            config = self.peft_config[adapter_name]
+            if config.candidate_pool is not None and not config.pool_pattern and not config.kept_pattern:
+                raise RuntimeError(
+                    f"Adapter {adapter_name!r} gates a candidate pool that was not chosen yet: call "
+                    "select_pool(model, batches) before training (see docs/concepts.md)."
+                )
             adapter_weights = self._l0_weights(adapter_name)
             if adapter_weights is not None and not self.peft_config[adapter_name].kept_pattern:
                 states[adapter_name], weights[adapter_name] = self._gated_states(adapter_name), adapter_weights

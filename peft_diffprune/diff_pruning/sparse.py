@@ -16,6 +16,7 @@ from .fingerprint import base_fingerprint
 from .gates import deterministic_gate
 from .layer import DiffState
 from .model import DiffPruningModel, get_tuner
+from .pool import is_pool, pool_candidates
 
 
 @dataclass
@@ -99,6 +100,14 @@ def _effective_diff(state: DiffState, name: str, base: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
+def _candidates(state: DiffState, name: str, base: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The entries projection ranks: a pool's `(sorted positions, diffs)`, or `(None, the whole flat diff)`."""
+    if is_pool(state, name):
+        return pool_candidates(state, name)
+    return None, _effective_diff(state, name, base).reshape(-1)
+
+
+@torch.no_grad()
 def sparsity_report(model: nn.Module, adapter_name: str | None = None) -> SparsityReport:
     """Per targeted tensor and in total: parameters, kept entries, non-zeros and density of an adapter's diff.
 
@@ -135,6 +144,25 @@ def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
+def _fill_with_zeros(kept_entries, numels: list[int], budget: int, budgets: list[int] | None):
+    """Fill a pool's budget as the dense ranking fills it: its non-zero entries, then zero entries at the lowest
+    positions whose diff is zero (in or outside the pool), in module order (`budget`, global) or per tensor
+    (`budgets`). Projecting a pool so gives the dense projection of a diff that is zero outside the pool."""
+    nonzero = [(positions[values != 0], values[values != 0]) for positions, values in kept_entries]
+    left = budget - sum(positions.numel() for positions, _ in nonzero) if budgets is None else 0
+    filled = []
+    for i, ((positions, values), numel) in enumerate(zip(nonzero, numels, strict=True)):
+        count = min(left if budgets is None else budgets[i] - positions.numel(), numel - positions.numel())
+        span = torch.arange(count + positions.numel(), device=positions.device)
+        free = span[~torch.isin(span, positions)][:count]
+        left -= free.numel()
+        order = torch.cat([positions, free]).argsort()
+        filled.append(
+            (torch.cat([positions, free])[order], torch.cat([values, values.new_zeros(free.numel())])[order])
+        )
+    return filled
+
+
 def _sharded_projection(entries, target_sparsity: float, scope: str, total: int):
     """`(positions, values)` of every entry of an FSDP2-sharded gated adapter, ranked without gathering it."""
     if any(state.is_sparse(name) for _, _, state, name, _ in entries):
@@ -165,6 +193,10 @@ def project_to_sparsity(
     kept positions and values (no gates, no penalty); tensors with nothing kept carry no adapter state. Create the
     optimizer after projecting: the trainable parameters are new.
 
+    A candidate pool (`DiffPruningConfig.candidate_pool`) ranks its entries only (every other entry is a closed
+    gate): the same entries as the dense ranking of a diff that is zero outside the pool, as long as the budget does
+    not exceed the pool's non-zero entries (past that, the remainder comes from the pool's lowest positions).
+
     Returns the [`SparsityReport`] of the projected adapter.
     """
     tuner = get_tuner(model)
@@ -192,12 +224,18 @@ def project_to_sparsity(
         )
     total = base_parameter_count(tuner)
     sharded = any(state.is_sharded() for state in states)
+    if sharded and any(is_pool(state, name) for _, _, state, name, _ in entries):
+        raise ValueError(
+            "Projecting a candidate pool on a sharded model is not supported: gather its adapter state into an "
+            "unsharded model and project that (see docs/distributed.md)."
+        )
     if sharded:
         kept_entries = _sharded_projection(entries, target_sparsity, scope, total)
     else:
-        diffs = [_effective_diff(state, name, base).reshape(-1) for _, _, state, name, base in entries]
+        candidates = [_candidates(state, name, base) for _, _, state, name, base in entries]
+        diffs = [values for _, values in candidates]
         if scope == "global":
-            budget = min(round(target_sparsity * total), sum(d.numel() for d in diffs))
+            budget = min(round(target_sparsity * total), sum(entry[4].numel() for entry in entries))
             magnitudes = torch.cat([d.abs().cpu() for d in diffs])
             selected = _top_positions(magnitudes, budget)
             del magnitudes
@@ -205,8 +243,20 @@ def project_to_sparsity(
             bounds = torch.searchsorted(selected, offsets)
             positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
         else:
-            positions = [_top_positions(d.abs().cpu(), round(target_sparsity * d.numel())) for d in diffs]
-        kept_entries = [(kept.to(d.device), d[kept.to(d.device)]) for d, kept in zip(diffs, positions, strict=True)]
+            positions = [
+                _top_positions(d.abs().cpu(), round(target_sparsity * entry[4].numel()))
+                for d, entry in zip(diffs, entries, strict=True)
+            ]
+        kept_entries = []
+        for (pool, d), kept in zip(candidates, positions, strict=True):
+            kept = kept.to(d.device)
+            kept_entries.append((kept if pool is None else pool[kept], d[kept]))
+        if any(pool is not None for pool, _ in candidates):
+            numels = [entry[4].numel() for entry in entries]
+            if scope == "global":
+                kept_entries = _fill_with_zeros(kept_entries, numels, budget, None)
+            else:
+                kept_entries = _fill_with_zeros(kept_entries, numels, 0, [round(target_sparsity * n) for n in numels])
 
     kept_pattern = {}
     new_states: dict[str, DiffState] = {}

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..diff_pruning.sparse import project_to_sparsity
 from .optim import OptimizerInBackward, unwrap_optimizer
+from .pool import PoolRegrowth, choose_pool
 from .training import DiffPruningSchedule, LossTerms, clip_grad_norm_per_group, param_groups, stage_scheduler
 
 
@@ -51,6 +52,17 @@ class _StageStart(TrainerCallback):
         self.trainer._terms_logged_at = state.global_step
 
 
+class _PoolStep(TrainerCallback):
+    """Regrows a candidate pool every `pool_regrow_steps` optimizer steps of the gated stage."""
+
+    def __init__(self, trainer: DiffPruningTrainerMixin):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stage == "gated":
+            self.trainer._pool.step(state.global_step, unwrap_optimizer(self.trainer.optimizer))
+
+
 class DiffPruningTrainerMixin:
     """The recipe's overrides of `Trainer`; put it first among the bases: `class T(DiffPruningTrainerMixin, Trainer)`.
 
@@ -66,6 +78,8 @@ class DiffPruningTrainerMixin:
     - The logs (and every `report_to` tracker) get `task_loss`, `l0_term` and `expected_density` beside `loss`
       (the objective, the L0 term included).
     - `save_model()` after `train()` writes the sparse adapter.
+    - With `DiffPruningConfig(candidate_pool=...)` the gated stage first chooses its pool from the first
+      `pool_score_batches` training batches and regrows it every `pool_regrow_steps` steps from the last ones.
     """
 
     #: Whether the loss `compute_loss` returns is the model's own `outputs.loss`, into which a diff pruning model's
@@ -105,6 +119,8 @@ class DiffPruningTrainerMixin:
         #: each stage's `TrainerState.log_history` (a stage's `train()` call starts a new `TrainerState`)
         self.stage_log_history: dict[str, list[dict]] = {}
         self.add_callback(_StageStart(self))
+        self._pool = PoolRegrowth(self.model)
+        self.add_callback(_PoolStep(self))
 
     # optimizer, schedule and clipping of the current stage
 
@@ -134,6 +150,8 @@ class DiffPruningTrainerMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._loss_terms.task_loss = None
+        if model.training:
+            self._pool.record(inputs)
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -198,6 +216,8 @@ class DiffPruningTrainerMixin:
         try:
             if self.stage == "gated":
                 self.args.output_dir = os.path.join(root, "gated")
+                # before the optimizer and the DDP wrapper are made: the pool's parameters are new
+                choose_pool(self.model, map(self._prepare_inputs, self.get_train_dataloader()))
                 output = super().train(resume_from_checkpoint=checkpoint, **kwargs)
                 self.stage_log_history["gated"] = self.state.log_history
                 checkpoint = None

@@ -1,0 +1,157 @@
+"""Peak memory and step time of the gated stage over a candidate pool, beside full fine-tuning, LoRA all-linear r=8
+and the dense gated stage (issue 15), on CPU.
+
+The methods run as `train_step.py`'s workers (one process each, interleaved rounds, time ratios to full
+fine-tuning in the same round, peak RSS while training); `pool` is the gated stage with
+`DiffPruningConfig(candidate_pool=...)`, its pool chosen by `select_pool` from the two benchmark batches before the
+peak count starts. The one-off costs of the pool (the peak RSS of choosing it, the time of one regrowth with a
+tenth of its gates closed) are measured in a worker of their own.
+
+    python benchmarks/pool_memory.py --model minilm --batch_size 32 --seq_len 128 --rounds 6 --warmup 2 \
+        --output benchmarks/results/pool_memory_minilm.json
+    flock /work/wt/big.lock python benchmarks/pool_memory.py --model bert-base --batch_size 8 --seq_len 128 \
+        --rounds 4 --warmup 1 --max_workers 2 --output benchmarks/results/pool_memory_bert_base.json
+
+With `--max_workers 2` each method runs beside its own full fine-tuning worker (BERT-base's dense gated stage and
+full fine-tuning take 9 GB together; four workers at once would not fit the machine beside other jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+import train_step
+from _record import write_record
+
+
+METHODS = ("full", "lora_all_r8", "diff_pruning", "pool")
+_build = train_step.build
+
+
+def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
+    """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget."""
+    if method != "pool":
+        return _build(method, model_name, dtype, optimizer)
+    from peft import get_peft_model
+
+    from peft_diffprune import DiffPruningConfig, param_groups, select_pool
+
+    model = train_step.load_base(model_name, dtype)
+    config = DiffPruningConfig(task_type="SEQ_CLS", candidate_pool=pool, pool_score_batches=2)
+    model = get_peft_model(model, config, autocast_adapter_dtype=dtype == "fp32")
+    select_pool(model, train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE))
+    return model, train_step.make_optimizer(param_groups(model, lr=1e-5, alpha_lr=0.1), optimizer)
+
+
+class PoolWorker(train_step.Worker):
+    """`train_step.Worker` running this script, whose workers know the `pool` method."""
+
+    def __init__(self, method: str, settings: dict):
+        cmd = [sys.executable, __file__, "--method", method, *[f"--{k}={v}" for k, v in settings.items()]]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self.ask(None)
+
+
+BATCH_SHAPE = (32, 128)
+
+
+def one_off_costs(args) -> None:
+    """Print the peak RSS of building the pool model (choosing the pool included) and the time of one regrowth."""
+    from peft_diffprune import regrow_pool
+
+    torch.set_num_threads(args.threads)
+    model, optimizer = build("pool", args.model, args.dtype, args.optimizer, args.pool)
+    selection_peak = train_step.status_mib("VmHWM")
+    batches = train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE)
+    model.train()
+    train_step.train_step(model, optimizer, batches[0])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_alpha"):
+                param[torch.arange(0, param.numel(), 10)] = -5.0
+    start = time.perf_counter()
+    regrown = regrow_pool(model, batches, optimizer)
+    pool_entries = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_alpha"))
+    print(
+        json.dumps(
+            {
+                "pool_entries": pool_entries,
+                "selection_peak_rss_mib": selection_peak,
+                "regrow_seconds": time.perf_counter() - start,
+                "regrown": regrown,
+                "peak_rss_after_regrow_mib": train_step.status_mib("VmHWM"),
+            }
+        ),
+        flush=True,
+    )
+
+
+def alone(method: str, settings: dict, rounds: int, warmup: int) -> dict:
+    """Step times and peak RSS of one method in its own worker, with no reference beside it: for a configuration
+    that must stay under the machine's per-process memory limit while its reference would not (BERT-base's full
+    fine-tuning takes more than 3 GiB); compare with a reference measured elsewhere."""
+    worker = PoolWorker(method, settings)
+    try:
+        times = [worker.ask("step")["step_time_s"] for _ in range(warmup + rounds)][warmup:]
+        return {"step_time_s": sorted(times)[len(times) // 2], "step_times_s": times, **worker.ready, **worker.close()}
+    finally:
+        worker.process.kill()
+
+
+def main() -> None:
+    global BATCH_SHAPE
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", help="run one method as a worker (internal)")
+    parser.add_argument("--one_off", action="store_true", help="measure the pool's one-off costs (internal)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=train_step.DTYPES, default="fp32")
+    parser.add_argument("--optimizer", choices=train_step.OPTIMIZERS, default="fused")
+    parser.add_argument("--pool", type=float, default=4.0, help="pool size as a multiple of the 0.5%% budget")
+    parser.add_argument("--max_workers", type=int, default=len(METHODS), help="workers alive at once (train_step)")
+    parser.add_argument(
+        "--alone", action="store_true", help="run the methods one after another without a reference (no ratios)"
+    )
+    parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
+    args = parser.parse_args()
+    BATCH_SHAPE = (args.batch_size, args.seq_len)
+    train_step.build = lambda method, *rest: build(method, *rest, pool=args.pool)
+    if args.one_off:
+        one_off_costs(args)
+        return
+    if args.method:
+        train_step.worker(args)
+        return
+    torch.set_num_threads(args.threads)
+    settings = {
+        k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool")
+    }
+    train_step.Worker = PoolWorker  # `measure` starts its workers through this name
+    if args.alone:
+        results = {method: alone(method, settings, args.rounds, args.warmup) for method in args.methods}
+    else:
+        results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
+    if "pool" in args.methods:
+        one_off = subprocess.run(
+            [sys.executable, __file__, "--one_off", *[f"--{k}={v}" for k, v in settings.items()]],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        results["pool"]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
+    record = {**settings, "rounds": args.rounds, "warmup": args.warmup, "max_workers": args.max_workers}
+    write_record(args.output, record, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Choosing and renewing the candidate pool of the gated stage (`DiffPruningConfig(candidate_pool=...)`).
+
+An entry's score is the magnitude of the task loss's gradient with respect to it, summed over a few batches: the
+first-order change of the loss a diff there could buy (the "grow" criterion of RigL and SpIEL). The gradient of each
+base weight is formed by autograd one tensor at a time; a hook folds it into a running top list of
+`(position, score)` pairs and frees it, so no dense gradient or score of the whole model is ever held: at most one
+tensor's gradient (what full fine-tuning's backward holds too) and twice the pool's size in pairs.
+
+Regrowth ([`regrow_pool`]) drops the entries whose gates closed (deterministic gate exactly 0) and puts in their
+slots the best-scoring entries of the same tensor that are not in the pool, so a tensor's pool never grows and the
+parameters (and an optimizer built on them) stay the same objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .gates import deterministic_gate
+from .layer import DiffState
+from .model import get_tuner
+from .pool import add_pool, is_pool, pool_positions
+from .sparse import _top_positions, base_parameter_count
+
+
+def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+class _RunningTop:
+    """The best-scoring `(position, score)` pairs of some tensors, scores summed over the gradients added.
+
+    `sizes[key]` caps what one tensor keeps; `total` (if given) caps all tensors together, ranked with one
+    threshold. Pairs already kept accumulate exactly; a new position enters when its score beats the threshold of
+    the last pruning (an approximation of the sum that keeps the state to at most twice the caps).
+    """
+
+    def __init__(
+        self, sizes: dict[str, int], total: int | None = None, exclude: dict[str, torch.Tensor] | None = None
+    ):
+        self.sizes, self.total, self.exclude = sizes, total, exclude or {}
+        self.positions = {key: torch.empty(0, dtype=torch.int64) for key in sizes}
+        self.scores = {key: torch.empty(0) for key in sizes}
+        self.thresholds = dict.fromkeys(sizes, 0.0)
+
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        scores = grad.detach().reshape(-1).abs().float()
+        excluded = self.exclude.get(key)
+        if excluded is not None:
+            scores[excluded] = 0.0
+        known = self.positions[key].to(scores.device)
+        known_scores = self.scores[key].to(scores.device) + scores[known]
+        scores[known] = 0.0
+        # the best `size` first, then those above the threshold: O(size) indices, never one per entry of the tensor
+        new = _top_positions(scores, self.sizes[key])
+        new = new[scores[new] > self.thresholds[key]]
+        self.positions[key] = torch.cat([known, new]).cpu()
+        self.scores[key] = torch.cat([known_scores, scores[new]]).cpu()
+        if self.total is None:
+            if self.positions[key].numel() > 2 * self.sizes[key]:
+                self._prune([key], self.sizes[key])
+        elif sum(p.numel() for p in self.positions.values()) > 2 * self.total:
+            self._prune(list(self.sizes), self.total)
+
+    def _prune(self, keys: list[str], size: int) -> None:
+        """Keep the `size` best pairs of `keys` together (ties to the first, in key order); raise their threshold."""
+        scores = torch.cat([self.scores[key] for key in keys])
+        if scores.numel() <= size:
+            return
+        keep = _top_positions(scores, size)
+        threshold = float(scores[keep].min()) if size else float("inf")
+        offsets = torch.tensor([0] + [self.scores[key].numel() for key in keys]).cumsum(0)
+        bounds = torch.searchsorted(keep, offsets)
+        for i, key in enumerate(keys):
+            local = keep[bounds[i] : bounds[i + 1]] - offsets[i]
+            self.positions[key], self.scores[key] = self.positions[key][local], self.scores[key][local]
+            self.thresholds[key] = threshold
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The kept positions of every tensor, sorted, within the caps."""
+        if self.total is not None:
+            self._prune(list(self.sizes), self.total)
+        else:
+            for key, size in self.sizes.items():
+                self._prune([key], size)
+        return {key: positions.sort().values for key, positions in self.positions.items()}
+
+
+def _score(model: nn.Module, tensors: dict[str, nn.Parameter], batches, running: _RunningTop, loss_fn) -> None:
+    """Add `|d loss / d theta|` of every tensor in `tensors` for each batch to `running`, in eval mode (no dropout:
+    the scores, and so the pool, depend on the batches only); no other gradient is accumulated."""
+    params = list(tensors.values())
+    flags = [param.requires_grad for param in params]
+    handles = []
+
+    def fold(key):
+        def hook(param):
+            running.add(key, param.grad)
+            param.grad = None
+
+        return hook
+
+    for key, param in tensors.items():
+        param.requires_grad_(True)
+        handles.append(param.register_post_accumulate_grad_hook(fold(key)))
+    training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            torch.autograd.backward(loss_fn(model, batch), inputs=params)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+        for param, flag in zip(params, flags, strict=True):
+            param.requires_grad_(flag)
+            param.grad = None
+
+
+def _from_rank_zero(chosen: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's positions on every rank (each rank scored its own batches); unchanged when not distributed."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return chosen
+    keys = list(chosen)
+    counts = torch.tensor([chosen[key].numel() for key in keys], dtype=torch.int64, device=device)
+    dist.broadcast(counts, 0)
+    flat = torch.cat([chosen[key] for key in keys]).to(device) if dist.get_rank() == 0 else None
+    if flat is None:
+        flat = torch.empty(int(counts.sum()), dtype=torch.int64, device=device)
+    dist.broadcast(flat, 0)
+    return dict(zip(keys, (part.cpu() for part in flat.split(counts.tolist())), strict=True))
+
+
+def _check_pool_adapter(model: nn.Module, adapter_name: str | None):
+    tuner = get_tuner(model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    config = tuner.peft_config[adapter_name]
+    if config.candidate_pool is None:
+        raise ValueError(
+            f"Adapter {adapter_name!r} has no candidate pool: create it with DiffPruningConfig(candidate_pool=4.0) "
+            "(the pool's size as a multiple of the budget)."
+        )
+    if config.kept_pattern:
+        raise ValueError(
+            f"Adapter {adapter_name!r} was projected already: its pool is gone (see project_to_sparsity)."
+        )
+    for layer in tuner.diff_layers().values():
+        state = dict(layer.diff_pruning_state.items()).get(adapter_name)
+        if state is not None and state.is_sharded():
+            raise ValueError(
+                "The candidate pool is chosen and renewed on an unsharded model: call select_pool before "
+                "sharding it with FSDP, and set pool_regrow_steps=0 for sharded training (see docs/distributed.md)."
+            )
+    return tuner, adapter_name, config
+
+
+def select_pool(
+    model: nn.Module,
+    batches: Iterable[dict],
+    adapter_name: str | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Choose the candidate pool of an adapter created with `DiffPruningConfig(candidate_pool=c)`.
+
+    The pool is the `round(c * target_sparsity * N)` entries (`N` as in [`project_to_sparsity`]) with the largest
+    `|d loss / d theta|` summed over `batches` (see the module docstring), ranked over all targeted tensors
+    together. Each tensor gets one diff value (0) and one gate logit (`alpha_init`) per pool entry and nothing else;
+    `config.pool_pattern` records the counts, so that a saved gated checkpoint rebuilds the same layers. Under
+    `torch.distributed` every rank gets rank 0's pool. Call it before wrapping the model in DDP or FSDP and before
+    creating the optimizer: the adapter's parameters are new. `loss_fn(model, batch)` gives the loss (default
+    `model(**batch).loss`). Returns `pool_pattern`.
+    """
+    tuner, adapter_name, config = _check_pool_adapter(model, adapter_name)
+    entries = {}
+    for module_name, layer in tuner.diff_layers().items():
+        if adapter_name in layer.diff_pruning_state:
+            for name, param in layer.base_parameters().items():
+                if name not in layer._shared_diff[1]:
+                    entries[f"{module_name}.{name}"] = (layer, name, param)
+    numel = sum(param.numel() for _, _, param in entries.values())
+    size = min(round(config.candidate_pool * config.target_sparsity * base_parameter_count(tuner)), numel)
+    running = _RunningTop({key: min(size, param.numel()) for key, (_, _, param) in entries.items()}, total=size)
+    _score(model, {key: param for key, (_, _, param) in entries.items()}, batches, running, loss_fn or _default_loss)
+    device = next(iter(entries.values()))[2].device
+    chosen = _from_rank_zero(running.result(), device)
+
+    states: dict[int, DiffState] = {}
+    for key, (layer, name, param) in entries.items():
+        state = states.setdefault(id(layer), DiffState(config.stretch, key.rpartition(".")[0]))
+        if chosen[key].numel():
+            dtype = torch.promote_types(param.dtype, torch.float32)  # as PEFT's autocast_adapter_dtype does
+            add_pool(state, name, param, chosen[key].numel(), config, positions=chosen[key], dtype=dtype)
+    for layer in tuner.diff_layers().values():
+        if id(layer) in states:
+            layer.diff_pruning_state[adapter_name] = states[id(layer)]
+            layer._eval_cache = None
+            layer.set_adapter(layer.active_adapters, inference_mode=config.inference_mode)
+    config.pool_pattern = {key: chosen[key].numel() for key in entries if chosen[key].numel()}
+    return dict(config.pool_pattern)
+
+
+def regrow_pool(
+    model: nn.Module,
+    batches: Iterable[dict],
+    optimizer: torch.optim.Optimizer | None = None,
+    adapter_name: str | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+) -> int:
+    """Drop the pool entries whose gates closed and regrow as many new candidates, tensor by tensor, in place.
+
+    A closed entry (deterministic gate exactly 0: it contributes nothing and would be cut by projection) frees its
+    slot; the slot takes the entry of the same tensor outside the pool with the largest `|d loss / d theta|` summed
+    over `batches` (at the current adapted weights), with a zero diff, the logit `alpha_init`, and, if `optimizer`
+    is given, zeroed optimizer moments. So no tensor's pool ever grows and no parameter is replaced: a training
+    loop keeps its optimizer (pass it, or the new entries inherit the moments of the dropped ones). Under
+    `torch.distributed` every rank takes rank 0's new entries. Returns the number of entries regrown.
+    """
+    tuner, adapter_name, config = _check_pool_adapter(model, adapter_name)
+    if not config.pool_pattern:
+        raise ValueError(f"Adapter {adapter_name!r} has no pool yet: call select_pool first.")
+    entries, closed = {}, {}
+    for module_name, layer in tuner.diff_layers().items():
+        state = dict(layer.diff_pruning_state.items()).get(adapter_name)
+        if state is None:
+            continue
+        base = layer.base_parameters()
+        for name in state.tensor_names:
+            if is_pool(state, name):
+                slots = (deterministic_gate(getattr(state, f"{name}_alpha").detach(), state.stretch) == 0).nonzero()
+                if slots.numel():
+                    key = f"{module_name}.{name}"
+                    entries[key], closed[key] = (state, name, base[name]), slots.squeeze(1)
+    if not entries:
+        return 0
+    exclude = {key: pool_positions(state, name) for key, (state, name, _) in entries.items()}
+    running = _RunningTop({key: slots.numel() for key, slots in closed.items()}, exclude=exclude)
+    _score(model, {key: param for key, (_, _, param) in entries.items()}, batches, running, loss_fn or _default_loss)
+    device = next(iter(entries.values()))[2].device
+    grown = _from_rank_zero(running.result(), device)
+    count = 0
+    with torch.no_grad():
+        for key, (state, name, _) in entries.items():
+            new = grown[key].to(device)
+            slots = closed[key][: new.numel()].to(device)
+            getattr(state, f"{name}_pool_positions")[slots] = new
+            diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
+            diff[slots] = 0.0
+            alpha[slots] = config.alpha_init
+            for param in (diff, alpha):
+                moments = optimizer.state.get(param, {}) if optimizer is not None else {}
+                for value in moments.values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        value[slots] = 0
+            count += new.numel()
+    for layer in tuner.diff_layers().values():
+        layer._eval_cache = None
+    return count

@@ -1,0 +1,503 @@
+"""Tests for the gated stage over a candidate pool (`DiffPruningConfig(candidate_pool=...)`, pool.py, candidates.py).
+
+The reference is the dense gated stage: with the same gate noise, logits far below zero outside the pool (closed
+gates) and the pool's values at the pool's positions, the dense model must give the pool model's loss, penalty and
+gradients (restricted to the pool) and its projection.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CAUSAL_LM_CASES, MODEL_CASES, REPO_ROOT
+from peft import PeftModel, get_peft_model
+
+from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, select_pool
+from peft_diffprune.diff_pruning import gates
+from peft_diffprune.diff_pruning.layer import DiffPruningLayer
+from peft_diffprune.diff_pruning.pool import is_pool, pool_positions
+from peft_diffprune.diff_pruning.sparse import base_parameter_count
+
+
+SPARSITY = 0.05
+POOL = 3.0
+CLOSED = -30.0  # a logit whose gate is exactly 0 under any clamped noise: the dense stage's entries outside the pool
+
+
+def pool_model(case, seed: int = 0, **kwargs):
+    config = DiffPruningConfig(
+        task_type=case.task_type, target_sparsity=SPARSITY, candidate_pool=POOL, l0_lambda=1e-2, **kwargs
+    )
+    return get_peft_model(case.model(seed), config)
+
+
+def pool_states(model):
+    """`{key: (state, name)}` of every pool tensor of the default adapter."""
+    out = {}
+    for module_name, module in model.base_model.model.named_modules():
+        if isinstance(module, DiffPruningLayer) and "default" in module.diff_pruning_state:
+            state = module.diff_pruning_state["default"]
+            out.update({f"{module_name}.{n}": (state, n) for n in state.tensor_names if is_pool(state, n)})
+    return out
+
+
+def base_parameters(model):
+    """`{key: base parameter}` of every targeted tensor of a PEFT model (`module.name`, module relative to the base)."""
+    out = {}
+    for module_name, module in model.base_model.model.named_modules():
+        if isinstance(module, DiffPruningLayer):
+            out.update({f"{module_name}.{n}": p for n, p in module.base_parameters().items()})
+    return out
+
+
+def state_grads(model, batch):
+    model.train()
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.fixture
+def fixed_noise(monkeypatch):
+    """The same gate noise for every entry (u = 0.7) on both paths, so the pool and the dense stage draw alike."""
+
+    def sample(alpha, stretch):
+        noise = torch.full_like(alpha, 0.7, dtype=torch.float32)
+        return gates.sample_gate_from_noise(alpha.float(), noise, stretch)
+
+    monkeypatch.setattr(gates, "_sample_gate", sample)
+    monkeypatch.setattr(gates, "sample_group_gate", lambda a, s: sample(a, s))
+    monkeypatch.setattr("peft_diffprune.diff_pruning.layer.sample_group_gate", lambda a, s: sample(a, s))
+
+
+def dense_twin(model, case, seed: int = 0, **kwargs):
+    """The dense gated stage holding the pool model's state: its values at the pool's positions, closed gates
+    (logit `CLOSED`, diff 0) everywhere else; structured group logits copied."""
+    config = DiffPruningConfig(task_type=case.task_type, target_sparsity=SPARSITY, l0_lambda=1e-2, **kwargs)
+    dense = get_peft_model(case.model(seed), config)
+    states = pool_states(model)
+    with torch.no_grad():
+        for module_name, module in dense.base_model.model.named_modules():
+            if not isinstance(module, DiffPruningLayer):
+                continue
+            state = module.diff_pruning_state["default"]
+            for name in state.tensor_names:
+                diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
+                diff.zero_()
+                alpha.fill_(CLOSED)
+                pool = states.get(f"{module_name}.{name}")
+                if pool is None:
+                    continue
+                positions = pool_positions(*pool)
+                diff.view(-1)[positions] = getattr(pool[0], f"{name}_diff")
+                alpha.view(-1)[positions] = getattr(pool[0], f"{name}_alpha")
+                if hasattr(state, f"{name}_group_alpha"):
+                    getattr(state, f"{name}_group_alpha").copy_(getattr(pool[0], f"{name}_group_alpha"))
+    return dense
+
+
+def randomise(model, seed: int = 0, alpha=(-1.0, 2.0)):
+    """Random pool diffs and logits spread over closed, fractional and open gates."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".diff_pruning_state." in name and name.endswith("_diff"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            elif ".diff_pruning_state." in name and name.endswith("_alpha"):
+                param.copy_(torch.rand(param.shape, generator=generator) * (alpha[1] - alpha[0]) + alpha[0])
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "t5", "vit"])
+def test_loss_penalty_and_gradients_match_the_dense_stage_restricted_to_the_pool(model_name, structured, fixed_noise):
+    case = MODEL_CASES[model_name]
+    model = pool_model(case, structured=structured)
+    select_pool(model, [case.batch(1)])
+    randomise(model)
+    dense = dense_twin(model, case, structured=structured)
+    batch = case.batch()
+
+    loss, dense_loss = state_grads(model, batch), state_grads(dense, batch)
+    penalty, dense_penalty = model.base_model.last_l0_penalty(), dense.base_model.last_l0_penalty()
+    assert penalty > 0
+    # the dense stage's closed gates outside the pool add sigmoid(-30) ~ 1e-13 each to its penalty
+    torch.testing.assert_close(penalty, dense_penalty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, dense_loss, rtol=1e-5, atol=1e-5)
+
+    checked = 0
+    dense_layers = {n: m for n, m in dense.base_model.model.named_modules() if isinstance(m, DiffPruningLayer)}
+    for key, (state, name) in pool_states(model).items():
+        module_name = key.rpartition(".")[0]
+        dense_state = dense_layers[module_name].diff_pruning_state["default"]
+        positions = pool_positions(state, name)
+        for suffix in ("diff", "alpha"):
+            grad = getattr(state, f"{name}_{suffix}").grad
+            dense_grad = getattr(dense_state, f"{name}_{suffix}").grad.reshape(-1)
+            torch.testing.assert_close(grad, dense_grad[positions], rtol=1e-4, atol=1e-7, msg=f"{key} {suffix}")
+            outside = torch.ones_like(dense_grad, dtype=torch.bool)
+            outside[positions] = False
+            # no task gradient outside the pool: those gates are closed (the penalty's is ~1e-13)
+            assert dense_grad[outside].abs().max() < 1e-9 if outside.any() else True
+        if structured:
+            torch.testing.assert_close(
+                getattr(state, f"{name}_group_alpha").grad,
+                getattr(dense_state, f"{name}_group_alpha").grad,
+                rtol=1e-4,
+                atol=1e-8,
+            )
+        checked += 1
+    assert checked == len(model.peft_config["default"].pool_pattern) > 0
+
+
+@pytest.mark.parametrize("alpha", [(0.5, 3.0), (-3.0, 0.2)], ids=["open", "mostly-closed"])
+@pytest.mark.parametrize("scope", ["global", "per_module"])
+def test_projection_of_the_pool_is_the_dense_projection(scope, alpha):
+    """Open gates: the budget is below the pool's non-zeros. Mostly closed: the budget is filled with zeros at the
+    lowest positions whose diff is zero, in or outside the pool, as the dense ranking fills it."""
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    randomise(model, alpha=alpha)
+    dense = dense_twin(model, case)
+    pooled = set(model.peft_config["default"].pool_pattern)
+    report, dense_report = project_to_sparsity(model, scope=scope), project_to_sparsity(dense, scope=scope)
+    kept, dense_kept = model.peft_config["default"].kept_pattern, dense.peft_config["default"].kept_pattern
+    assert report.kept > 0
+    if scope == "global":
+        assert kept == dense_kept and report.kept == dense_report.kept
+    else:
+        # per tensor, a tensor with no pool entry keeps nothing (the dense stage fills its budget with zeros)
+        assert kept == {key: count for key, count in dense_kept.items() if key in pooled}
+        assert set(dense_kept) - pooled
+    state, dense_state = model.state_dict(), dense.state_dict()
+    keys = [k for k in state if ".diff_pruning_state." in k]
+
+    def tensor_key(key):  # base_model.model.<module>.diff_pruning_state.default.<name>_values -> <module>.<name>
+        return key.removeprefix("base_model.model.").replace(".diff_pruning_state.default.", ".").rpartition("_")[0]
+
+    assert keys == [k for k in dense_state if ".diff_pruning_state." in k and tensor_key(k) in kept]
+    for key in keys:
+        torch.testing.assert_close(state[key], dense_state[key], rtol=0, atol=0, msg=key)
+    if scope == "global":
+        batch = case.batch()
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(**batch).logits, dense.eval()(**batch).logits)
+
+
+def test_only_pool_entries_carry_state():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    before = [n for n, p in model.named_parameters() if ".diff_pruning_state." in n]
+    assert before == []  # nothing is allocated before the pool is chosen
+    pattern = select_pool(model, [case.batch(1)])
+    size = round(POOL * SPARSITY * base_parameter_count(model.base_model))
+    assert sum(pattern.values()) == size
+    params = {n: p for n, p in model.named_parameters() if ".diff_pruning_state." in n}
+    buffers = {n: b for n, b in model.named_buffers() if ".diff_pruning_state." in n}
+    assert sum(p.numel() for p in params.values()) == 2 * size
+    assert sum(b.numel() for b in buffers.values()) == size
+    assert all(p.dim() == 1 for p in [*params.values(), *buffers.values()])
+    # bytes: fp32 diff + fp32 logit + int64 position per entry
+    assert sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()]) == 16 * size
+    # the trainable adapter state is only the pool (and the dense classifier head)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all(".diff_pruning_state." in n or ".modules_to_save." in n for n in trainable)
+
+
+def test_selection_is_deterministic_and_is_the_top_of_the_gradient():
+    case = MODEL_CASES["bert"]
+    batches = [case.batch(1), case.batch(2)]
+    first, second = pool_model(case), pool_model(case)
+    torch.manual_seed(0)
+    select_pool(first, batches)
+    torch.manual_seed(1)
+    select_pool(second, batches)
+    positions = {k: pool_positions(*v) for k, v in pool_states(first).items()}
+    assert positions.keys() == pool_states(second).keys()
+    for key, (state, name) in pool_states(second).items():
+        assert torch.equal(pool_positions(state, name), positions[key])
+
+    # with one batch the pool is exactly the top |d loss / d theta| over all targeted entries
+    reference = pool_model(case)
+    params = base_parameters(reference)
+    for param in params.values():
+        param.requires_grad_(True)
+    reference.eval()
+    reference(**batches[0]).loss.backward()
+    scores = torch.cat([p.grad.abs().reshape(-1) for p in params.values()])
+    model = pool_model(case)
+    size = sum(select_pool(model, batches[:1]).values())
+    top = set(scores.topk(size).indices.tolist())
+    offsets, chosen = 0, set()
+    states = pool_states(model)
+    for key, param in params.items():
+        if key in states:
+            chosen.update((pool_positions(*states[key]) + offsets).tolist())
+        offsets += param.numel()
+    assert chosen == top
+    # no gradient is left behind on the base weights or the head
+    assert all(p.grad is None for n, p in model.named_parameters())
+
+
+def test_regrowth_replaces_closed_entries_in_place_and_never_grows_the_pool():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    pattern = select_pool(model, [case.batch(1)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state_grads(model, case.batch())
+    optimizer.step()
+    states = pool_states(model)
+    before = {k: pool_positions(*v).clone() for k, v in states.items()}
+    params_before = dict(model.named_parameters())
+    # close a third of the gates of every tensor
+    closed = {}
+    with torch.no_grad():
+        for key, (state, name) in states.items():
+            alpha = getattr(state, f"{name}_alpha")
+            closed[key] = torch.arange(0, alpha.numel(), 3)
+            alpha[closed[key]] = -3.0
+    grown = regrow_pool(model, [case.batch(2)], optimizer)
+    assert 0 < grown <= sum(c.numel() for c in closed.values())
+    assert model.peft_config["default"].pool_pattern == pattern
+    assert dict(model.named_parameters()) == params_before  # the same parameter objects
+    replaced = 0
+    for key, (state, name) in states.items():
+        positions = pool_positions(state, name)
+        assert positions.numel() == pattern[key] == torch.unique(positions).numel()
+        changed = (positions != before[key]).nonzero().squeeze(1)
+        assert set(changed.tolist()) <= set(closed[key].tolist())
+        assert not set(positions[changed].tolist()) & set(before[key].tolist())
+        alpha, diff = getattr(state, f"{name}_alpha"), getattr(state, f"{name}_diff")
+        assert (alpha[changed] == 5.0).all() and (diff[changed] == 0).all()
+        for param in (alpha, diff):
+            for value in optimizer.state[param].values():
+                if value.shape == param.shape:
+                    assert (value[changed] == 0).all()
+        replaced += changed.numel()
+    assert replaced == grown
+    # training goes on with the same optimizer
+    state_grads(model, case.batch())
+    optimizer.step()
+
+
+def test_regrowth_with_no_closed_gate_changes_nothing():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    before = {k: pool_positions(*v).clone() for k, v in pool_states(model).items()}
+    assert regrow_pool(model, [case.batch(2)]) == 0
+    assert all(torch.equal(pool_positions(*v), before[k]) for k, v in pool_states(model).items())
+
+
+def test_training_before_selection_raises_and_config_is_checked():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case).train()
+    with pytest.raises(RuntimeError, match="select_pool"):
+        model(**case.batch())
+    with pytest.raises(ValueError, match="candidate_pool"):
+        DiffPruningConfig(candidate_pool=0.5)
+    with pytest.raises(ValueError, match="candidate_pool"):
+        DiffPruningConfig(pool_pattern={"a.weight": 3})
+    with pytest.raises(ValueError, match="no candidate pool"):
+        select_pool(get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS")), [case.batch()])
+
+
+@pytest.mark.parametrize("model_name", [*MODEL_CASES, "llama_tied"])
+def test_every_model_trains_merges_and_projects_with_a_pool(model_name):
+    case = MODEL_CASES.get(model_name) or CAUSAL_LM_CASES[model_name]
+    reference = case.model()
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    batch = case.batch()
+    with torch.no_grad():  # a zero diff: the adapted model is the base model
+        torch.testing.assert_close(model.eval()(**batch).logits, reference(**batch).logits)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        torch.manual_seed(step)
+        state_grads(model, batch)
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+        assert not torch.allclose(unmerged, reference(**batch).logits)
+        model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits, unmerged, rtol=1e-4, atol=1e-5)
+        model.unmerge_adapter()
+    report = project_to_sparsity(model)
+    assert 0 < report.kept <= round(SPARSITY * report.total_parameters)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
+def test_gated_pool_checkpoint_round_trip(tmp_path, structured):
+    case = MODEL_CASES["bert"]
+    model = pool_model(case, structured=structured)
+    select_pool(model, [case.batch(1)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    state_grads(model, case.batch())
+    optimizer.step()
+    model.eval().save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.model(), tmp_path, is_trainable=True)
+    assert loaded.peft_config["default"].pool_pattern == model.peft_config["default"].pool_pattern
+    state = {k: v for k, v in model.state_dict().items() if ".diff_pruning_state." in k}
+    loaded_state = {k: v for k, v in loaded.state_dict().items() if ".diff_pruning_state." in k}
+    assert state.keys() == loaded_state.keys() and any(k.endswith("_pool_positions") for k in state)
+    for key in state:
+        assert torch.equal(state[key], loaded_state[key]), key
+    batch = case.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, model(**batch).logits)
+    # the loaded checkpoint trains and projects as the original does
+    torch.manual_seed(3)
+    loss = state_grads(loaded, batch)
+    torch.manual_seed(3)
+    torch.testing.assert_close(loss, state_grads(model, batch))
+    project_to_sparsity(loaded)
+    project_to_sparsity(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_an_unloaded_pool_raises_instead_of_acting():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    pattern = select_pool(model, [case.batch(1)])
+    config = DiffPruningConfig(
+        task_type="SEQ_CLS", target_sparsity=SPARSITY, candidate_pool=POOL, pool_pattern=dict(pattern)
+    )
+    fresh = get_peft_model(case.model(), config)
+    with pytest.raises(ValueError, match="not\\s+loaded|was not loaded"), torch.no_grad():
+        fresh.eval()(**case.batch())
+
+
+def test_a_pool_adapter_beside_a_dense_one():
+    case = MODEL_CASES["bert"]
+    model = get_peft_model(case.model(), DiffPruningConfig(task_type="SEQ_CLS", init_weights=False))
+    pooled = DiffPruningConfig(task_type="SEQ_CLS", target_sparsity=SPARSITY, candidate_pool=POOL, l0_lambda=1e-2)
+    model.add_adapter("pool", pooled)
+    model.set_adapter("pool")
+    select_pool(model, [case.batch(1)], adapter_name="pool")
+    batch = case.batch()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".diff_pruning_state." in n}
+    assert trainable and all(".diff_pruning_state.pool." in n for n in trainable)
+    state_grads(model, batch)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".diff_pruning_state.default." in n)
+    assert model.base_model.last_l0_penalty("pool") > 0
+    project_to_sparsity(model, adapter_name="pool")
+    model.set_adapter("default")
+    with torch.no_grad():
+        dense_logits = model.eval()(**batch).logits
+    assert not torch.isnan(dense_logits).any()
+    assert not pool_states(model)  # the dense adapter holds no pool
+
+
+def pool_trainer(output_dir, **arguments):
+    """The recipe's Trainer on a pool whose gates start nearly closed under a strong penalty: they close within a few
+    steps, so regrowth (every 2 steps, from the last 2 batches) has work to do."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from peft_diffprune import DiffPruningSchedule, DiffPruningTrainer
+
+    case = MODEL_CASES["bert"]
+    model = pool_model(case, alpha_init=0.3, pool_regrow_steps=2, pool_score_batches=2)
+    model.peft_config["default"].l0_lambda = 1.0
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "input_ids": torch.randint(1, 100, (32, 8), generator=generator).tolist(),
+            "labels": torch.randint(0, 3, (32,), generator=generator).tolist(),
+        }
+    )
+    args = TrainingArguments(
+        str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=4,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        **arguments,
+    )
+    schedule = DiffPruningSchedule(fixmask_max_steps=2, alpha_learning_rate=0.5, target_sparsity=SPARSITY)
+    return DiffPruningTrainer(model, args, train_dataset=data, diff_pruning=schedule)
+
+
+def test_trainer_chooses_regrows_and_projects_the_pool(tmp_path):
+    trainer = pool_trainer(tmp_path, save_strategy="no")
+    model, config = trainer.model, trainer.model.peft_config["default"]
+    regrown = []
+    step = trainer._pool.step
+    trainer._pool.step = lambda *a: regrown.append(step(*a)) or regrown[-1]
+    assert not config.pool_pattern
+    trainer.train()
+    size = round(POOL * SPARSITY * base_parameter_count(model.base_model))
+    assert sum(config.pool_pattern.values()) == size
+    assert len(regrown) == 4 and regrown[1] > 0 and regrown[0] == regrown[2] == 0  # at steps 2 and 4
+    assert sum(config.kept_pattern.values()) == round(SPARSITY * base_parameter_count(model.base_model))
+    trainer.save_model()
+    loaded = PeftModel.from_pretrained(MODEL_CASES["bert"].model(), tmp_path)
+    assert loaded.peft_config["default"].kept_pattern == config.kept_pattern
+
+
+def test_trainer_resumes_a_gated_pool_checkpoint_as_the_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    reference = pool_trainer(tmp_path / "a", save_steps=2)
+    reference.train()
+    reference.save_model()
+    resumed = pool_trainer(tmp_path / "b", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "gated" / "checkpoint-2"))
+    resumed.save_model()
+    expected, got = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, float]:
+    out_dir = tmp_path_factory.mktemp("pool_ranks")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    worker = REPO_ROOT / "tests" / "pool_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(out_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return json.loads((out_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_the_pool_and_its_regrowth(two_ranks):
+    """Each rank scores its own batches; every rank takes rank 0's pool and regrowth, and DDP trains it as one
+    process would."""
+    assert two_ranks["ddp/pool_positions_differ"] == 0.0
+    assert two_ranks["ddp/regrown_none"] == 0.0 and two_ranks["ddp/regrown_positions_differ"] == 0.0
+    assert two_ranks["ddp/params_differ"] == 0.0
+    assert two_ranks["ddp/pool/loss"] < 1e-6 and two_ranks["ddp/pool/grads"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1"])
+def test_fsdp_trains_a_pool_chosen_before_sharding(two_ranks, kind):
+    assert two_ranks[f"{kind}/pool/loss"] < 1e-5
+    assert two_ranks[f"{kind}/pool/grads"] < 1e-5
+    assert two_ranks[f"{kind}/regrow_refused"] == 1.0  # with a clear error naming the fix
+
+
+@pytest.mark.parametrize("model_name", ["bert", "llama"])
+def test_a_bf16_base_trains_an_fp32_pool(model_name):
+    """As PEFT's default `autocast_adapter_dtype` makes the dense state: fp32 pool state on a bf16 base."""
+    case = MODEL_CASES[model_name]
+    config = DiffPruningConfig(task_type=case.task_type, target_sparsity=SPARSITY, candidate_pool=POOL, l0_lambda=1e-2)
+    model = get_peft_model(case.model(dtype=torch.bfloat16), config)
+    select_pool(model, [case.batch(1)])
+    state = {n: p for n, p in model.named_parameters() if ".diff_pruning_state." in n}
+    assert state and {p.dtype for p in state.values()} == {torch.float32}
+    loss = state_grads(model, case.batch())
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.abs().sum() > 0 for p in state.values())
+    assert project_to_sparsity(model).kept == round(SPARSITY * base_parameter_count(model.base_model))
