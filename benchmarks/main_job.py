@@ -52,6 +52,17 @@ CANDIDATES = {
 CANDIDATES["sst2_n2000_e2_full"] = [*CANDIDATES["sst2_n2000_e2"], *FULL]
 # bf16 autocast on the chosen budget: its effect on the dev score (benchmarks/cpu_speed.py measures its speed)
 CANDIDATES["sst2_n2000_e2_bf16"] = [*CANDIDATES["sst2_n2000_e2"], "--mixed_precision", "bf16"]
+# how projection fills the budget the gates leave (issue 13): the main job on seeds 1-3 with each fill rule of
+# project_to_sparsity (--projection_fill), recorded in benchmarks/results/projection_fill.jsonl
+for seed in (1, 2, 3):
+    for fill in ("position", "gate"):
+        CANDIDATES[f"sst2_n2000_e2_fill_{fill}_seed{seed}"] = [
+            *CANDIDATES["sst2_n2000_e2"],
+            "--seed",
+            str(seed),
+            "--projection_fill",
+            fill,
+        ]
 
 
 def parse_args() -> argparse.Namespace:
@@ -154,6 +165,9 @@ def run_one(name: str, work_dir: Path, interval: float, threads: int | None) -> 
             stage: res["metrics"]["validation"][main_metric] for stage, res in stages.items() if "metrics" in res
         },
         "kept": stages.get("projection", {}).get("kept"),
+        # the gates' density at the end of stage 1 and where projection put the budget
+        "learned_density": stages.get("gated", {}).get("learned_density"),
+        "kept_by_tensor": {t["name"]: t["kept"] for t in summary.get("tensors", [])} or None,
         "adapter_bytes": summary["adapter_bytes"],
         "wall_seconds_per_stage": summary["wall_seconds"],
         "script_wall_seconds": summary["total_wall_seconds"],
