@@ -50,6 +50,12 @@ BUDGETS = {
         "cola": {"max_train_samples": 8551, "num_train_epochs": 1, "max_length": 64},
         "rte": {"max_train_samples": 2490, "num_train_epochs": 1},
     },
+    # the table's budget: SST-2 at the main job's (make glue), STS-B at "cpu" (full fine-tuning 65.8 ± 1.2 there), and
+    # the attempts above that cleared their margin
+    "separable": {
+        "sst2": {"max_train_samples": 2000, "num_train_epochs": 2, "max_length": 64},
+        "stsb": {"max_train_samples": 1000, "num_train_epochs": 2},
+    },
     # checks the runner end to end in seconds; its numbers mean nothing
     "smoke": dict.fromkeys(
         ["mrpc", "stsb", "rte", "cola", "sst2"],
