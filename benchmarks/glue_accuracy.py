@@ -1,10 +1,16 @@
 """GLUE dev accuracy of diff pruning and the baselines on the packaged MiniLM, one run at a time on one thread.
 
     python benchmarks/glue_accuracy.py --tasks mrpc stsb --methods full diff_pruning --seeds 1 2
+    python benchmarks/glue_accuracy.py --budget separable --methods full lora diff_pruning structured --sweep
+    python benchmarks/glue_accuracy.py --budget separable --methods full lora diff_pruning structured \
+        --at_picked_lr --seeds 1 2 3
 
 Each (task, method, seed) runs `examples/glue.py` in a subprocess under the task's budget (BUDGETS) and appends one
-JSON line to `--output` when it finishes: the command, commit, date, machine, metrics, trainable parameters, stored
-bytes and times. Runs already in that file (same budget) are skipped, so the runner can be stopped, resumed and split
+JSON line to `--output` when it finishes: the command, commit, date, machine, the budget's settings, metrics, the
+majority-class (chance) score in the task's main metric and whether the run clears it by the task's margin
+(MARGINS), trainable parameters, stored bytes, times and the machine's load average during the run. `--sweep` runs
+the learning rates of SWEEP on one seed; `--at_picked_lr` runs seeds at the rate that scored best there (seed 1 of
+the sweep is seed 1 of that row). Runs already in that file (same budget) are skipped, so the runner can be stopped, resumed and split
 across invocations. Runs go seed by seed, then method by method in the order given, then task by task, so that an
 interrupted invocation leaves whole rows of the table. `python benchmarks/report_accuracy.py` renders the file.
 """
