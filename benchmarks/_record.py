@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
+import threading
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -33,3 +39,49 @@ def write_record(output: str, settings: dict, results: dict) -> dict:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def baseline_score(task_name: str) -> dict:
+    """The dev score, in the task's main metric, of always answering the training set's most frequent class (F1 of
+    class 1 for MRPC, 0 MCC for CoLA), or of chance for STS-B (Spearman 0): what a run has to beat."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from peft_diffprune.recipe.glue import compute_glue_metrics, get_glue_task, load_glue
+
+    task = get_glue_task(task_name)
+    if task.is_regression:
+        return {"kind": "chance", "metric": task.main_metric, "score": 0.0}
+    data = load_glue(task_name, os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" / "glue"))
+    majority = Counter(data["train"]["label"]).most_common(1)[0][0]
+    dev = data[task.eval_splits[0]]["label"]
+    metrics = compute_glue_metrics(task_name, [majority] * len(dev), dev)
+    score = metrics[task.main_metric]
+    return {
+        "kind": "majority class",
+        "label": task.label_names[majority],
+        "metric": task.main_metric,
+        "score": 0.0 if score != score else score,  # MCC of a constant prediction: nan, i.e. no correlation
+    }
+
+
+class LoadSampler(threading.Thread):
+    """Samples `os.getloadavg()` (1-minute average) every `interval` seconds until stopped."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self.done = interval, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self.done.wait(self.interval)
+
+    def summary(self) -> dict:
+        self.done.set()
+        self.join()
+        samples = self.samples or [os.getloadavg()[0]]
+        return {
+            "mean_1min": round(sum(samples) / len(samples), 2),
+            "max_1min": round(max(samples), 2),
+            "at_end": [round(value, 2) for value in os.getloadavg()],
+            "samples": len(samples),
+        }

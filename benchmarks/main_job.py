@@ -24,13 +24,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from _record import git_commit
+from _record import LoadSampler, baseline_score, git_commit
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +50,19 @@ CANDIDATES = {
 CANDIDATES["sst2_n2000_e2_full"] = [*CANDIDATES["sst2_n2000_e2"], *FULL]
 # bf16 autocast on the chosen budget: its effect on the dev score (benchmarks/cpu_speed.py measures its speed)
 CANDIDATES["sst2_n2000_e2_bf16"] = [*CANDIDATES["sst2_n2000_e2"], "--mixed_precision", "bf16"]
+# How projection fills the budget the gates leave (issue 13): the main job on seeds 1-3 with each fill rule of
+# project_to_sparsity (--projection_fill), recorded in benchmarks/results/projection_fill.jsonl. The rule acts after
+# stage 1, so from seed 2 on the "gate" run resumes from the "position" run's checkpoint at the end of stage 1
+# (RESUME_FROM; a resumed run repeats the uninterrupted one): both rules project the same stage-1 model, and the
+# pair costs one stage 1. Seed 1's pair ran as two whole runs.
+RESUME_FROM: dict[str, tuple[str, str]] = {}
+for seed in (1, 2, 3):
+    for fill in ("position", "gate"):
+        name = f"sst2_n2000_e2_fill_{fill}_seed{seed}"
+        CANDIDATES[name] = [*CANDIDATES["sst2_n2000_e2"], "--seed", str(seed), "--projection_fill", fill]
+    if seed > 1:
+        CANDIDATES[f"sst2_n2000_e2_fill_position_seed{seed}"] += ["--checkpointing_steps", "250"]
+        RESUME_FROM[name] = (f"sst2_n2000_e2_fill_position_seed{seed}", "gated_step_250")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +75,13 @@ def parse_args() -> argparse.Namespace:
         "--omp_threads", type=int, help="Set OMP_NUM_THREADS (records get the suffix _omp<N>); default: Accelerate's."
     )
     parser.add_argument("--load_interval", type=float, default=5.0, help="Seconds between load-average samples.")
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="Where runs write (default: a temporary folder); a run that others resume from (RESUME_FROM) is kept "
+        "there until they are recorded, so pass a folder that outlives an interrupted invocation.",
+    )
     return parser.parse_args()
 
 
@@ -73,48 +91,18 @@ def recorded(path: Path) -> set[str]:
     return {json.loads(line)["name"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def baseline_score(task_name: str) -> dict:
-    """The dev score of always answering the training set's most frequent class (or chance, 0, for STS-B)."""
-    sys.path.insert(0, str(REPO_ROOT))
-    from peft_diffprune.recipe.glue import get_glue_task, load_glue
-
-    task = get_glue_task(task_name)
-    if task.is_regression:
-        return {"kind": "chance", "score": 0.0}
-    data = load_glue(task_name, os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" / "glue"))
-    majority = Counter(data["train"]["label"]).most_common(1)[0][0]
-    dev = data[task.eval_splits[0]]["label"]
-    return {"kind": "majority class", "label": task.label_names[majority], "score": dev.count(majority) / len(dev)}
-
-
-class LoadSampler(threading.Thread):
-    """Samples `os.getloadavg()` (1-minute average) every `interval` seconds until stopped."""
-
-    def __init__(self, interval: float):
-        super().__init__(daemon=True)
-        self.interval, self.samples, self.done = interval, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.samples.append(os.getloadavg()[0])
-            self.done.wait(self.interval)
-
-    def summary(self) -> dict:
-        self.done.set()
-        self.join()
-        samples = self.samples or [os.getloadavg()[0]]
-        return {
-            "mean_1min": round(sum(samples) / len(samples), 2),
-            "max_1min": round(max(samples), 2),
-            "at_end": [round(value, 2) for value in os.getloadavg()],
-            "samples": len(samples),
-        }
-
-
 def run_one(name: str, work_dir: Path, interval: float, threads: int | None) -> tuple[dict, dict] | None:
     """Run one candidate; its record and results.json, or None (with the log's tail printed) if it failed."""
     output_dir = work_dir / name
     flags = CANDIDATES[name]
+    if name in RESUME_FROM:
+        source, checkpoint = RESUME_FROM[name]
+        if not (work_dir / source / checkpoint).is_dir():
+            print(
+                f"SKIPPED {name}: it resumes from {work_dir / source / checkpoint}, which does not exist.", flush=True
+            )
+            return None
+        flags = [*flags, "--resume_from_checkpoint", str(work_dir / source / checkpoint)]
     command = [sys.executable, *LAUNCH, *flags, "--output_dir", str(output_dir), "--logging_steps", "50"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -154,6 +142,9 @@ def run_one(name: str, work_dir: Path, interval: float, threads: int | None) -> 
             stage: res["metrics"]["validation"][main_metric] for stage, res in stages.items() if "metrics" in res
         },
         "kept": stages.get("projection", {}).get("kept"),
+        # the gates' density at the end of stage 1 and where projection put the budget
+        "learned_density": stages.get("gated", {}).get("learned_density"),
+        "kept_by_tensor": {t["name"]: t["kept"] for t in summary.get("tensors", [])} or None,
         "adapter_bytes": summary["adapter_bytes"],
         "wall_seconds_per_stage": summary["wall_seconds"],
         "script_wall_seconds": summary["total_wall_seconds"],
@@ -169,10 +160,11 @@ def main() -> None:
     suffix = "" if args.omp_threads is None else f"_omp{args.omp_threads}"
     queue = [name for name in args.runs if name + suffix not in done]
     print(f"{len(queue)} runs to make ({len(done)} already in {args.output})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="main_job_") as work_dir:
+    with tempfile.TemporaryDirectory(prefix="main_job_") as temporary:
+        work_dir = args.work_dir or Path(temporary)
         for name in queue:
             print(f"{datetime.now(timezone.utc):%H:%M:%S} {name} ...", flush=True)
-            outcome = run_one(name, Path(work_dir), args.load_interval, args.omp_threads)
+            outcome = run_one(name, work_dir, args.load_interval, args.omp_threads)
             if outcome is None:
                 continue
             record, summary = outcome
@@ -183,7 +175,12 @@ def main() -> None:
                 partial = args.reference_output.with_suffix(".partial")
                 partial.write_text(json.dumps(summary, indent=2) + "\n")
                 partial.replace(args.reference_output)
-            shutil.rmtree(Path(work_dir) / name)
+            # a run is kept while a run that resumes from it is not recorded yet
+            sources = {
+                RESUME_FROM[n][0] for n in CANDIDATES if n in RESUME_FROM and n + suffix not in recorded(args.output)
+            }
+            for finished in {name, *(RESUME_FROM[name][:1] if name in RESUME_FROM else ())} - sources:
+                shutil.rmtree(work_dir / finished, ignore_errors=True)
             print(
                 f"  {record['main_metric']} {record['score']:.4f} ({record['baseline']['kind']} "
                 f"{record['baseline']['score']:.4f}) in {record['command_wall_seconds']:.0f}s, "

@@ -3,7 +3,9 @@
     python benchmarks/report_accuracy.py
 
 Scores are the task's main metric x 100 (MRPC F1, STS-B Spearman, RTE accuracy, CoLA MCC, SST-2 accuracy), as
-mean ± half the range over the seeds run; "—" marks a run not made. A row's average is over all five tasks, so it
+mean ± half the range over the seeds run (`--spread std`: ± the sample standard deviation); "—" marks a run not
+made. `--sweep` prints the learning-rate sweeps (glue_accuracy.py's SWEEP) of the budget instead, with the rate each
+task picked. A row's average is over all five tasks, so it
 is only given for complete rows; the "common" average is over the tasks every row of the table has.
 """
 
@@ -14,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from glue_accuracy import BUDGETS, METHODS, RESULTS, TASKS
+from glue_accuracy import BUDGETS, METHODS, RESULTS, SWEEP, SWEEP_SEED, TASKS, picked_rate
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,14 @@ METHOD_NAMES = {
 }
 
 
+def method_name(method: str) -> str:
+    """The row label of a method; a swept one (`<method>_lr<rate>`) is its method's label and the rate."""
+    if method in METHOD_NAMES:
+        return METHOD_NAMES[method]
+    base, _, rate = method.rpartition("_lr")
+    return f"{METHOD_NAMES[base]}, lr {rate}"
+
+
 def load(path: Path, budget: str) -> dict[tuple[str, str], list[dict]]:
     """The records of `budget`, by (method, task)."""
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -66,20 +76,24 @@ def score(record: dict) -> float:
     return 100 * record["metrics"][record["main_metric"]]
 
 
-def summarize(runs: dict[tuple[str, str], list[dict]]) -> tuple[list[str], list[str], dict]:
-    """Methods and tasks present (in priority order), and per (method, task) the mean and half-range of the scores."""
+def summarize(
+    runs: dict[tuple[str, str], list[dict]], spread: str = "half_range"
+) -> tuple[list[str], list[str], dict]:
+    """Methods and tasks present (in priority order), and per (method, task) the mean and the spread of the scores
+    (half their range, or with `spread="std"` their sample standard deviation)."""
     methods = [m for m in METHODS if any(method == m for method, _ in runs)]
     tasks = [t for t in TASKS if any(task == t for _, task in runs)]
     cells = {}
     for key, records in runs.items():
         scores = [score(r) for r in records]
-        cells[key] = (statistics.mean(scores), (max(scores) - min(scores)) / 2, len(scores))
+        width = statistics.stdev(scores) if spread == "std" and len(scores) > 1 else (max(scores) - min(scores)) / 2
+        cells[key] = (statistics.mean(scores), width, len(scores))
     return methods, tasks, cells
 
 
-def table(runs: dict[tuple[str, str], list[dict]], budget_tasks: list[str]) -> str:
+def table(runs: dict[tuple[str, str], list[dict]], budget_tasks: list[str], spread: str = "half_range") -> str:
     """The markdown table; a row's average over all of `budget_tasks` only when it has them all."""
-    methods, tasks, cells = summarize(runs)
+    methods, tasks, cells = summarize(runs, spread)
     common = [t for t in tasks if all((m, t) in cells for m in methods)]
     header = [TASK_NAMES[t] for t in tasks]
     if len(budget_tasks) > 1:
@@ -94,8 +108,8 @@ def table(runs: dict[tuple[str, str], list[dict]], budget_tasks: list[str]) -> s
             if (method, task) not in cells:
                 row.append("—")
                 continue
-            mean, spread, n = cells[method, task]
-            row.append(f"{mean:.1f} ± {spread:.1f}" if n > 1 else f"{mean:.1f} (1 seed)")
+            mean, width, n = cells[method, task]
+            row.append(f"{mean:.1f} ± {width:.1f} ({n} seeds)" if n > 1 else f"{mean:.1f} (1 seed)")
         if len(budget_tasks) > 1:
             complete = all((method, t) in cells for t in budget_tasks)
             row.append(f"{statistics.mean(cells[method, t][0] for t in budget_tasks):.1f}" if complete else "—")
@@ -103,7 +117,7 @@ def table(runs: dict[tuple[str, str], list[dict]], budget_tasks: list[str]) -> s
         records = [r for (m, _), rs in runs.items() if m == method for r in rs]
         trainable = statistics.median(r["trainable_parameters"] for r in records)
         stored = statistics.median(r["stored_bytes"] for r in records)
-        rows.append(f"| {METHOD_NAMES[method]} | " + " | ".join(row) + f" | {trainable:,.0f} | {stored:,.0f} |")
+        rows.append(f"| {method_name(method)} | " + " | ".join(row) + f" | {trainable:,.0f} | {stored:,.0f} |")
     return "\n".join(rows)
 
 
@@ -134,7 +148,7 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path, title: str) -> Non
                 continue
             stored = statistics.median(r["stored_bytes"] for r in records)
             style = {"marker": markers[number % len(markers)], "color": f"C{number % 10}"}
-            ax.scatter(stored, value, label=METHOD_NAMES[method], **style)
+            ax.scatter(stored, value, label=method_name(method), **style)
         ax.set_xscale("log")
         ax.set_title(TASK_NAMES.get(panel, f"average ({', '.join(common)})"), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -153,6 +167,26 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def sweep_table(path: Path, budget: str) -> str:
+    """Per task and swept method: the score at each rate on the sweep's seed, and the rate picked (the best)."""
+    runs = load(path, budget)
+    rows = ["| task | method | " + " | ".join(f"rate {i + 1}" for i in range(3)) + " | picked |", "|---" * 6 + "|"]
+    for task in TASKS:
+        for method, rates in SWEEP.items():
+            scores = {
+                rate: score(r)
+                for rate in rates
+                for r in runs.get((f"{method}_lr{rate}", task), [])
+                if r["seed"] == SWEEP_SEED
+            }
+            if not scores:
+                continue
+            cells = [f"{rate}: {scores[rate]:.1f}" if rate in scores else f"{rate}: —" for rate in rates]
+            picked = picked_rate(path, budget, task, method) or "— (incomplete)"
+            rows.append(f"| {TASK_NAMES[task]} | {METHOD_NAMES[method]} | " + " | ".join(cells) + f" | {picked} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -160,12 +194,17 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", choices=list(METHODS), default=None, help="Rows to show (default: every method run)."
     )
+    parser.add_argument("--spread", choices=["half_range", "std"], default="half_range")
+    parser.add_argument("--sweep", action="store_true", help="Print the learning-rate sweeps of the budget.")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "images" / "glue_accuracy_vs_bytes.png")
     args = parser.parse_args()
+    if args.sweep:
+        print(sweep_table(args.results, args.budget))
+        return
     runs = load(args.results, args.budget)
     if args.methods is not None:
         runs = {(method, task): records for (method, task), records in runs.items() if method in args.methods}
-    print(table(runs, list(BUDGETS[args.budget])))
+    print(table(runs, list(BUDGETS[args.budget]), args.spread))
     plot(runs, args.plot, f"Packaged MiniLM, GLUE dev, budget {args.budget!r}")
     print(f"\nPlot: {args.plot}")
 

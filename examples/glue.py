@@ -141,6 +141,13 @@ def parse_args():
     parser.add_argument(
         "--target_sparsity", type=float, default=0.005, help="Fraction of parameters kept in the diff, in (0, 1]."
     )
+    parser.add_argument(
+        "--projection_fill",
+        choices=["gate", "position"],
+        default="position",
+        help="Which closed-gate entries projection keeps when stage 1 leaves fewer open than the budget: the "
+        "largest sigmoid(alpha) * |w| ('gate') or the lowest flat positions ('position'); see project_to_sparsity.",
+    )
     parser.add_argument("--num_train_epochs", type=int, default=3, help="Epochs of stage 1 (or of full / lora).")
     parser.add_argument("--fixmask_epochs", type=int, default=1, help="Epochs of stage 2 (the fixed mask).")
     parser.add_argument("--fixmask_learning_rate", type=float, default=5e-4, help="Peak lr of stage 2.")
@@ -563,7 +570,7 @@ def main():
                 results[stage]["expected_density"] = expected_l0(unwrapped).item() / learned.total_parameters
                 results[stage]["learned_density"] = learned.density
                 progress["reports"]["learned"] = report_to_json(learned)
-                report = project_to_sparsity(unwrapped, args.target_sparsity)
+                report = project_to_sparsity(unwrapped, args.target_sparsity, fill=args.projection_fill)
             else:
                 # Non-adaptive: the fine-tuned model's diff from the base (every entry of it) pruned by magnitude.
                 unwrapped = from_finetuned(load_base_model(), unwrapped, args.target_sparsity, task_type="SEQ_CLS")

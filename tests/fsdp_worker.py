@@ -231,6 +231,23 @@ def check_resume(out_dir: Path) -> None:
     record("fsdp2/bert/resume/loss", max_diff(*losses))
 
 
+def check_gate_fill() -> None:
+    """FSDP2, gates half closed and a budget above the open entries: projection with fill="gate" keeps the same
+    closed entries as unsharded (ranked by sigmoid(alpha) * |w| on each rank, then over the ranks)."""
+    ref = build("llama")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("_alpha"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+    sharded = shard(copy.deepcopy(ref), "fsdp2")
+    project_to_sparsity(ref, 0.8, fill="gate")
+    project_to_sparsity(sharded, 0.8, fill="gate")
+    ref_sparse, sparse = adapter_state(ref), adapter_state(sharded)
+    assert set(ref_sparse) == set(sparse), set(ref_sparse) ^ set(sparse)
+    record("fsdp2/gate_fill", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse))
+
+
 def check_ties() -> None:
     """The distributed top-k against `_top_positions` on whole tensors, with many ties at the threshold spread
     over both ranks' shards and one tensor smaller than the world (a rank holds none of it)."""
@@ -247,13 +264,13 @@ def check_ties() -> None:
     worst = 0.0
     for budget in (1, 9, 20, 44):
         kept = tuple(_top_positions(flat.abs(), budget).tolist())
-        entries = sharded_top_entries(shards, [[0, 1, 2]], [budget], _top_positions)
+        entries = sharded_top_entries(shards, [[0, 1, 2]], [budget], _top_positions, [s.abs() for s in shards])
         got = [int(p) + offsets[i] for i, (positions, _) in enumerate(entries) for p in positions]
         values = torch.cat([v for _, v in entries])
         worst = max(worst, float(tuple(got) != kept), max_diff(values, flat[list(kept)]))
     for i, t in enumerate(tensors):
         budget = t.numel() // 3
-        ((positions, values),) = sharded_top_entries([shards[i]], [[0]], [budget], _top_positions)
+        ((positions, values),) = sharded_top_entries([shards[i]], [[0]], [budget], _top_positions, [shards[i].abs()])
         expected = _top_positions(t.reshape(-1).abs(), budget)
         worst = max(worst, float(not torch.equal(positions, expected)), max_diff(values, t.reshape(-1)[expected]))
     record("fsdp2/ties", worst)
@@ -268,6 +285,7 @@ def main() -> None:
             check_gated(kind, model_name, out_dir)
     check_resume(out_dir)
     check_ties()
+    check_gate_fill()
     check_ddp()
     if dist.get_rank() == 0:
         (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))

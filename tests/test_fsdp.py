@@ -99,6 +99,10 @@ def test_sharded_top_k_tie_rule(two_ranks):
     assert two_ranks["fsdp2/ties"] == 0
 
 
+def test_fsdp2_gate_fill_keeps_the_unsharded_entries(two_ranks):
+    assert two_ranks["fsdp2/gate_fill"] == 0
+
+
 @pytest.mark.parametrize("model", ["bert", "llama"])
 def test_fsdp2_save_pretrained_writes_the_unsharded_files(two_ranks, model):
     assert two_ranks[f"fsdp2/{model}/save"] == 0

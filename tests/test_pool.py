@@ -188,6 +188,15 @@ def test_projection_of_the_pool_is_the_dense_projection(scope, alpha):
             torch.testing.assert_close(model.eval()(**batch).logits, dense.eval()(**batch).logits)
 
 
+def test_the_learned_fill_is_refused_for_a_pool():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    with pytest.raises(ValueError, match="project it with fill='position'"):
+        project_to_sparsity(model, fill="gate")
+    assert not model.peft_config["default"].kept_pattern  # nothing was projected
+
+
 def test_only_pool_entries_carry_state():
     case = MODEL_CASES["bert"]
     model = pool_model(case)

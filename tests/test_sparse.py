@@ -65,6 +65,17 @@ def set_diffs(model: PeftModel, make) -> None:
                 param.fill_(10.0)
 
 
+@torch.no_grad()
+def closed_gate_signals(model: PeftModel) -> dict[str, torch.Tensor]:
+    """`sigmoid(alpha) * |w|` of every gated tensor, keyed like `dense_gated_diffs`: what fill="gate" ranks by."""
+    return {
+        f"{module}.{name}": torch.sigmoid(getattr(state, f"{name}_alpha")) * getattr(state, f"{name}_diff").abs()
+        for module, layer in diff_layers(model).items()
+        for state in [layer.diff_pruning_state["default"]]
+        for name in state.tensor_names
+    }
+
+
 def kept_positions(model: PeftModel) -> dict[str, list[int]]:
     return {key: positions for key, (positions, _) in sparse_entries(model).items()}
 
@@ -216,6 +227,61 @@ class TestProjection:
         with pytest.raises(ValueError, match="target_sparsity must be in"):
             project_to_sparsity(model, target_sparsity)
         assert model.peft_config["default"].kept_pattern == {}  # nothing changed
+
+    @pytest.mark.parametrize("scope", ["global", "per_module"])
+    def test_fill_gate_keeps_the_closed_entries_nearest_to_opening(self, scope):
+        # 40% of the gates are closed and the budget is 80% of the model: fill="gate" keeps every open entry, then the
+        # closed ones of largest sigmoid(alpha) * |w|, at value 0 (the function does not change)
+        model = gated_model(random_alpha=True)
+        diffs = dense_gated_diffs(model)
+        signals = closed_gate_signals(model)
+        target = 0.8
+        open_entries = sum(int((d != 0).sum()) for d in diffs.values())
+        assert open_entries < round(target * base_parameter_count(tiny_bert(0)))
+        gated_output = logits(model)
+
+        project_to_sparsity(model, target, scope=scope, fill="gate")
+
+        # the brute-force ranking by (open first by |z * w|, then the closed by their gate signal, then position)
+        top = max(float(signal.max()) for signal in signals.values()) + 1
+        keys = {key: torch.where(d != 0, d.double().abs() + top, signals[key].double()) for key, d in diffs.items()}
+        budget = round(target * base_parameter_count(tiny_bert(0)))
+        expected = (
+            reference_top_k(keys, budget)
+            if scope == "global"
+            else {key: reference_top_k({key: k}, round(target * k.numel()))[key] for key, k in keys.items()}
+        )
+        assert kept_positions(model) == expected
+        for key, (positions, values) in sparse_entries(model).items():
+            assert torch.equal(values, diffs[key].reshape(-1)[positions]), key
+        torch.testing.assert_close(logits(model), gated_output, rtol=1e-5, atol=1e-6)
+
+    def test_fill_position_keeps_the_lowest_closed_positions(self):
+        # the old rule: the closed entries that make up the budget are the first ones in flat order, whatever their
+        # gates and diffs learned
+        model = gated_model(random_alpha=True)
+        diffs = dense_gated_diffs(model)
+        budget = round(0.8 * base_parameter_count(tiny_bert(0)))
+
+        project_to_sparsity(model, 0.8, fill="position")
+
+        assert kept_positions(model) == reference_top_k(diffs, budget)
+        closed = [(key, p) for key, d in diffs.items() for p in (d.reshape(-1) == 0).nonzero().squeeze(1).tolist()]
+        filled = [
+            (key, p) for key, positions in kept_positions(model).items() for p in positions if (key, p) in closed
+        ]
+        assert filled == closed[: len(filled)]
+
+    def test_fills_agree_when_the_open_gates_cover_the_budget(self):
+        model = gated_model(random_alpha=True)
+        twin = copy.deepcopy(model)
+        project_to_sparsity(model, 0.2, fill="gate")
+        project_to_sparsity(twin, 0.2, fill="position")
+        assert kept_positions(model) == kept_positions(twin)
+
+    def test_unknown_fill_raises(self):
+        with pytest.raises(ValueError, match="fill must be 'gate' or 'position'"):
+            project_to_sparsity(gated_model(), 0.1, fill="magnitude")
 
     def test_unknown_scope_raises(self):
         with pytest.raises(ValueError, match="scope"):

@@ -143,12 +143,13 @@ def sharded_weighted_l0(states, weights: L0Weights) -> torch.Tensor:
 
 @torch.no_grad()
 def sharded_top_entries(
-    diffs: list[torch.Tensor], groups: list[list[int]], budgets: list[int], top_positions
+    diffs: list[torch.Tensor], groups: list[list[int]], budgets: list[int], top_positions, keys: list[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The `budgets[g]` largest-magnitude entries of each group `groups[g]` of FSDP2-sharded diffs, as
+    """The `budgets[g]` entries of largest `keys` of each group `groups[g]` of FSDP2-sharded diffs, as
     `(positions, values)` per diff, the same on every rank and the same as ranking the whole tensors on one device.
 
-    `diffs` are `DTensor`s sharded on dim 0, or whole tensors (the same on every rank). A group's entries are
+    `diffs` are `DTensor`s sharded on dim 0, or whole tensors (the same on every rank); `keys` (what the entries are
+    ranked by, e.g. their magnitudes) are sharded like them. A group's entries are
     ranked in the order of its tensors, flat, and ties at the threshold go to the lowest positions
     (`top_positions`, the one-device rule). Each rank ranks only its own entries and sends its `budget` best
     (magnitude, position, value) per group; one all-gather of these candidates gives every rank all of them, and
@@ -168,7 +169,8 @@ def sharded_top_entries(
             offsets.append(offsets[-1] + sizes[index])
         local = [local_part(diffs[i]) for i in members]
         flat = torch.cat([part.float() for part, _ in local])
-        chosen = top_positions(flat.abs(), min(budget, flat.numel()))
+        flat_keys = torch.cat([local_part(keys[i])[0].reshape(-1).float() for i in members])
+        chosen = top_positions(flat_keys, min(budget, flat.numel()))
         # the global position (within the group) of each chosen entry, from the local part it lies in
         bounds = torch.tensor([0] + [part.numel() for part, _ in local], device=device).cumsum(0)
         part_of = torch.searchsorted(bounds, chosen, right=True) - 1
@@ -177,11 +179,11 @@ def sharded_top_entries(
         )
         padding = budget - chosen.numel()  # a rank with fewer entries than the budget pads with never-kept rows
         kept = flat[chosen]
-        magnitudes.append(torch.cat([kept.abs(), torch.full((padding,), -1.0, device=device)]))
+        magnitudes.append(torch.cat([flat_keys[chosen], torch.full((padding,), -math.inf, device=device)]))
         where = first[part_of] + chosen - bounds[part_of]
         positions.append(torch.cat([where, torch.full((padding,), -1, dtype=torch.int64, device=device)]))
         values.append(torch.cat([kept, torch.zeros(padding, device=device)]))
-        del flat
+        del flat, flat_keys
     packed = [torch.cat(t) for t in (magnitudes, positions, values)]
     gathered = []
     for tensor in packed:

@@ -132,6 +132,20 @@ def _open_gates(state: DiffState, name: str) -> int:
     return int(gate.count_nonzero())
 
 
+@torch.no_grad()
+def _ranking_key(state: DiffState, name: str, diff: torch.Tensor, fill: str) -> torch.Tensor:
+    """What projection ranks the entries of one diff by, the largest first: `|z * w|`, and with `fill="gate"` the
+    entries whose gate is closed (`z * w == 0`) below every other entry, ranked among themselves by the gate's
+    probability times the diff, `sigmoid(alpha) * |w|` (as `-1 / (sigmoid(alpha) * |w|)`, which keeps the order and
+    puts them under 0). A sparse diff (no gates) and `fill="position"` rank by `|z * w|` alone."""
+    magnitude = diff.abs()
+    if fill == "position" or state.is_sparse(name):
+        return magnitude
+    alpha, w = getattr(state, f"{name}_alpha"), getattr(state, f"{name}_diff")
+    signal = torch.sigmoid(alpha.float()).mul_(w.float().abs()).reshape(magnitude.shape)
+    return torch.where(magnitude > 0, magnitude, -signal.reciprocal())
+
+
 def _top_positions(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted flat positions of the `k` largest entries; ties at the threshold go to the lowest positions."""
     if k >= magnitudes.numel():
@@ -163,18 +177,19 @@ def _fill_with_zeros(kept_entries, numels: list[int], budget: int, budgets: list
     return filled
 
 
-def _sharded_projection(entries, target_sparsity: float, scope: str, total: int):
+def _sharded_projection(entries, target_sparsity: float, scope: str, total: int, fill: str):
     """`(positions, values)` of every entry of an FSDP2-sharded gated adapter, ranked without gathering it."""
     if any(state.is_sparse(name) for _, _, state, name, _ in entries):
         raise ValueError("Projecting an already sparse adapter under FSDP is not supported; project it unsharded.")
     diffs = [state.gated_delta(name, sample=False) for _, _, state, name, _ in entries]
+    keys = [_ranking_key(state, name, d, fill) for (_, _, state, name, _), d in zip(entries, diffs, strict=True)]
     if scope == "global":
         groups = [list(range(len(diffs)))]
         budgets = [min(round(target_sparsity * total), sum(d.numel() for d in diffs))]
     else:
         groups = [[i] for i in range(len(diffs))]
         budgets = [round(target_sparsity * d.numel()) for d in diffs]
-    return sharded_top_entries(diffs, groups, budgets, _top_positions)
+    return sharded_top_entries(diffs, groups, budgets, _top_positions, keys)
 
 
 @torch.no_grad()
@@ -183,13 +198,17 @@ def project_to_sparsity(
     target_sparsity: float | None = None,
     scope: Literal["global", "per_module"] = "global",
     adapter_name: str | None = None,
+    fill: Literal["gate", "position"] = "position",
 ) -> SparsityReport:
     """Keep the largest `|z * w|` entries of an adapter's diff and switch its layers to the sparse state.
 
     Exactly `round(target_sparsity * N)` entries are kept, `N` being the base model's parameter count outside
     `modules_to_save`. `scope="global"` ranks all tensors together with one threshold (the paper);
-    `"per_module"` keeps `round(target_sparsity * numel)` entries of each tensor. Ties at the threshold go to the
-    lowest flat positions (in module order), so the result is deterministic. Afterwards each layer holds only the
+    `"per_module"` keeps `round(target_sparsity * numel)` entries of each tensor. When the gates left fewer entries
+    open than the budget, `fill` says which closed ones (value 0, trained by the fixed-mask stage) make it up:
+    `"gate"` the largest `sigmoid(alpha) * |w|` (the gates nearest to opening on the largest diffs), `"position"`
+    the lowest flat positions. Remaining ties go to the lowest flat positions (in module order), so the result is
+    deterministic. Afterwards each layer holds only the
     kept positions and values (no gates, no penalty); tensors with nothing kept carry no adapter state. Create the
     optimizer after projecting: the trainable parameters are new.
 
@@ -207,6 +226,8 @@ def project_to_sparsity(
         raise ValueError(f"target_sparsity must be in (0, 1], got {target_sparsity!r} (0.005 keeps 0.5%).")
     if scope not in ("global", "per_module"):
         raise ValueError(f"scope must be 'global' or 'per_module', got {scope!r}.")
+    if fill not in ("gate", "position"):
+        raise ValueError(f"fill must be 'gate' or 'position', got {fill!r}.")
     if any(layer.merged for layer in tuner.diff_layers().values()):
         raise ValueError("Unmerge the adapter (model.unmerge_adapter()) before projecting it.")
 
@@ -224,28 +245,36 @@ def project_to_sparsity(
         )
     total = base_parameter_count(tuner)
     sharded = any(state.is_sharded() for state in states)
+    if fill == "gate" and any(is_pool(state, name) for _, _, state, name, _ in entries):
+        raise ValueError(
+            "fill='gate' ranks a dense gated diff's closed entries; a candidate pool renews its closed entries by "
+            "regrowth instead (pool_regrow_steps) and is filled like a diff that is zero outside it: project it "
+            "with fill='position'."
+        )
     if sharded and any(is_pool(state, name) for _, _, state, name, _ in entries):
         raise ValueError(
             "Projecting a candidate pool on a sharded model is not supported: gather its adapter state into an "
             "unsharded model and project that (see docs/distributed.md)."
         )
     if sharded:
-        kept_entries = _sharded_projection(entries, target_sparsity, scope, total)
+        kept_entries = _sharded_projection(entries, target_sparsity, scope, total, fill)
     else:
         candidates = [_candidates(state, name, base) for _, _, state, name, base in entries]
         diffs = [values for _, values in candidates]
+        keys = [
+            _ranking_key(state, name, d, fill).cpu() for (_, _, state, name, _), d in zip(entries, diffs, strict=True)
+        ]
         if scope == "global":
             budget = min(round(target_sparsity * total), sum(entry[4].numel() for entry in entries))
-            magnitudes = torch.cat([d.abs().cpu() for d in diffs])
-            selected = _top_positions(magnitudes, budget)
-            del magnitudes
+            selected = _top_positions(torch.cat(keys), budget)
+            del keys
             offsets = torch.tensor([0] + [d.numel() for d in diffs]).cumsum(0)
             bounds = torch.searchsorted(selected, offsets)
             positions = [selected[bounds[i] : bounds[i + 1]] - offsets[i] for i in range(len(diffs))]
         else:
             positions = [
-                _top_positions(d.abs().cpu(), round(target_sparsity * entry[4].numel()))
-                for d, entry in zip(diffs, entries, strict=True)
+                _top_positions(key, round(target_sparsity * entry[4].numel()))
+                for key, entry in zip(keys, entries, strict=True)
             ]
         kept_entries = []
         for (pool, d), kept in zip(candidates, positions, strict=True):
