@@ -8,7 +8,11 @@ shards it, frees what sharding left behind (`gc`, `malloc_trim`), then restarts 
 and the timed ones. A ratio is a rank's peak over the single process's peak in the same round (the larger of the two
 ranks, and the median over rounds).
 
+With `MALLOC_MMAP_THRESHOLD_` set (recorded in the settings), glibc hands every freed block above it back to the
+system, so that the peak RSS comes close to the peak of live bytes.
+
     python benchmarks/fsdp_memory.py --output benchmarks/results/fsdp_memory.json
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/fsdp_memory.py --rounds 1 --output benchmarks/results/fsdp_memory_mmap.json
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ def main() -> None:
     settings = {
         k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "rounds", "steps", "warmup", "threads")
     }
+    # glibc keeps freed blocks below its (adaptive) mmap threshold: fixing the threshold shows the live bytes' peak
+    settings["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     runs = {method: {"single": [], "fsdp2": []} for method in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
