@@ -10,11 +10,13 @@ import math
 import pytest
 import torch
 
+from peft_diffprune.diff_pruning import gates
 from peft_diffprune.diff_pruning.gates import (
     NOISE_EPS,
     deterministic_gate,
     expected_l0,
     hard_concrete_delta,
+    hard_concrete_delta_and_penalty,
     prob_gate_one,
     prob_gate_zero,
     sample_gate_from_noise,
@@ -157,6 +159,29 @@ class TestGradients:
             torch.testing.assert_close(group_grad, ref_group_grad, rtol=1e-5, atol=1e-5)
         # gates stuck at an atom pass no gradient to alpha; the others do
         assert (ref_alpha_grad == 0).any() and (ref_alpha_grad != 0).any()
+
+    @pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "some-rows"])
+    def test_backward_draws_the_forwards_gate_again(self, rows, monkeypatch):
+        # no gate is kept for backward: it is drawn again from the generator state of the forward, bit for bit, even
+        # when other draws happen in between, and backward leaves the random stream where it was
+        drawn = []
+        sample = gates._sample_gate
+        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: drawn.append(sample(a, s)) or drawn[-1].clone())
+        w = torch.randn(64, 33).requires_grad_()
+        alpha = torch.empty(64, 33).uniform_(-3.0, 6.0).requires_grad_()
+        index = torch.tensor([3, 5, 40]) if rows else None
+        torch.manual_seed(11)
+        delta, _ = hard_concrete_delta_and_penalty(w, alpha, PAPER_STRETCH, rows=index)
+        torch.rand(1000)  # draws between forward and backward
+        before_backward = torch.get_rng_state()
+        delta.sum().backward()
+        assert torch.equal(torch.get_rng_state(), before_backward)
+        forward_gate, backward_gate = drawn
+        assert torch.equal(forward_gate, backward_gate)
+        # and the gradients are those of the gate the forward used
+        expected = torch.zeros_like(w)
+        expected[slice(None) if index is None else index] = forward_gate
+        assert torch.equal(w.grad, expected)
 
     def test_only_w_requires_grad(self):
         w = torch.randn(10, requires_grad=True)

@@ -256,6 +256,41 @@ class TestGatedLinear:
         generic = saved_bytes(model)
         assert generic - fast >= linear_weights
 
+    def test_backward_draws_the_forwards_gates_again(self, monkeypatch):
+        # no gate is saved for backward (the graph holds no tensor of a weight's or a bias's shape besides
+        # parameters); the gates backward draws again are the forward's, bit for bit, whatever was drawn in between,
+        # and the gradients are those of plain autograd through the forward's gates
+        drawn = []
+        sample = gates._sample_gate
+        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: drawn.append(sample(a, s)) or drawn[-1].clone())
+        x = torch.randn(4, 5, 16, requires_grad=True)
+        weight, bias = torch.randn(8, 16), torch.randn(8)
+        diffs = [
+            torch.randn(8, 16),
+            torch.empty(8, 16).uniform_(-3, 6),
+            torch.randn(8),
+            torch.empty(8).uniform_(-3, 6),
+        ]
+        diffs = [t.requires_grad_() for t in diffs]
+        saved = []
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out, *_ = functional.gated_diff_linear(
+                x, weight, bias, (-1.5, 1.5), (diffs[0], diffs[1], None, None), (diffs[2], diffs[3], None, None)
+            )
+        inputs = {t.data_ptr() for t in (weight, bias, *diffs)}
+        assert not [t for t in saved if t.shape in (weight.shape, bias.shape) and t.data_ptr() not in inputs]
+        upstream = torch.randn_like(out)  # and draws between forward and backward
+        before_backward = torch.get_rng_state()
+        grads = torch.autograd.grad(out, [x, *diffs], upstream)
+        assert torch.equal(torch.get_rng_state(), before_backward)
+        assert len(drawn) == 4 and all(torch.equal(drawn[i], drawn[i + 2]) for i in range(2))
+        reference = torch.nn.functional.linear(x, weight + drawn[0] * diffs[0], bias + drawn[1] * diffs[2])
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        reference_grads = torch.autograd.grad(reference, [x, diffs[0], diffs[2]], upstream)
+        for grad, expected in zip([grads[0], grads[1], grads[3]], reference_grads, strict=True):
+            torch.testing.assert_close(grad, expected)
+
     def test_a_trainable_base_weight_keeps_its_gradient(self):
         # the gated path gives the frozen base weights no gradient, so a base weight made trainable takes the generic one
         model = _gated_bert()

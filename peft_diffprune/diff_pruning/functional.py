@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .gates import L0Weights, gate_grads, penalty_backward, penalty_forward, sampled_delta
+from .gates import L0Weights, gate_grads, penalty_backward, penalty_forward, resampled_gate, sampled_delta
 
 
 def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
@@ -87,7 +87,8 @@ class _GatedDiffLinear(torch.autograd.Function):
     """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates,
     and the expected-L0 penalties of the weight's and the bias's gates.
 
-    Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
+    Saves `x` and the inputs (parameters, no copies): the gates are drawn again in backward from the generator states
+    they were drawn from (see gates.py), and the adapted weight is rebuilt there.
     Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha`, group gate `g` and group
     logit `alpha^j` (`None` for unstructured diffs; all four `None` for a bias without a diff). No gradient reaches
     `W` and `b`. The diff may have another dtype than `W` (fp32 diffs on a bf16 base): it is rounded to `W`'s dtype
@@ -101,11 +102,10 @@ class _GatedDiffLinear(torch.autograd.Function):
         w_weight, alpha_weight, group_weight, group_alpha_weight, w_bias, alpha_bias, group_bias, group_alpha_bias = (
             diffs
         )
-        z_weight, delta_weight = sampled_delta(w_weight, alpha_weight, group_weight, stretch)
+        ctx.noise_weight, delta_weight = sampled_delta(w_weight, alpha_weight, group_weight, stretch)
         adapted_bias = bias
-        z_bias = None
         if w_bias is not None:
-            z_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
+            ctx.noise_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
             adapted_bias = bias + delta_bias.to(bias.dtype)
         penalties, ctx.penalty_state = [], []
         for alpha, group_alpha in ((alpha_weight, group_alpha_weight), (alpha_bias, group_alpha_bias)):
@@ -118,16 +118,17 @@ class _GatedDiffLinear(torch.autograd.Function):
                 ctx.penalty_state.append((elements, group))
             penalties.append(penalty)
         ctx.stretch, ctx.weights = stretch, weights
-        ctx.save_for_backward(x, weight, z_weight, z_bias, *diffs)
+        ctx.save_for_backward(x, weight, *diffs)
         return F.linear(x, delta_weight.to(weight.dtype).add_(weight), adapted_bias), *penalties
 
     @staticmethod
     def backward(ctx, grad_out, *grad_penalties):
-        x, weight, z_weight, z_bias, *diffs = ctx.saved_tensors
-        w_weight, _, group_weight, _, w_bias, _, group_bias, _ = diffs
+        x, weight, *diffs = ctx.saved_tensors
+        w_weight, alpha_weight, group_weight, _, w_bias, alpha_bias, group_bias, _ = diffs
         needs = ctx.needs_input_grad
         grad_x = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        z_weight = resampled_gate(alpha_weight, ctx.stretch, w_weight.dtype, ctx.noise_weight)
         if needs[0]:
             adapted_weight = z_weight * w_weight
             if group_weight is not None:
@@ -139,6 +140,7 @@ class _GatedDiffLinear(torch.autograd.Function):
             grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
             weight_grads = gate_grads(grad_weight, w_weight, group_weight, z_weight, ctx.stretch, *needs[5:8])
         if w_bias is not None and any(needs[9:12]):
+            z_bias = resampled_gate(alpha_bias, ctx.stretch, w_bias.dtype, ctx.noise_bias)
             bias_grads = gate_grads(grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, *needs[9:12])
         grads = [*weight_grads, None, *bias_grads, None]
         for offset, grad_penalty, state in zip((0, 4), grad_penalties, ctx.penalty_state, strict=True):

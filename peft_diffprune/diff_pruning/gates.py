@@ -4,13 +4,14 @@ Notation follows Guo, Rush and Kim (2021) and Louizos, Welling and Kingma (2018)
 `alpha`, a stretch interval `(l, r)` with `l < 0 < 1 < r`, and a gate `z` in [0, 1] with an atom at exactly 0 (the
 entry is pruned) and at exactly 1.
 
-The training-time gate is an autograd function that keeps only the sampled gate `z` for the backward pass: the
-derivative of the stretched sigmoid can be recovered from `z` itself where `0 < z < 1` and is zero elsewhere, so no
-uniform noise, logits or sigmoid outputs are held between forward and backward.
+The training-time gate is an autograd function that keeps no gate for the backward pass, only the random
+generator's state it was drawn from (a few kilobytes): backward draws the same gate `z` again from it, and the
+derivative of the stretched sigmoid is recovered from `z` itself where `0 < z < 1` (zero elsewhere), so no uniform
+noise, gates, logits or sigmoid outputs are held between forward and backward.
 
 Half-precision diffs and logits (bf16 or fp16, PEFT's `autocast_adapter_dtype=False`) are computed in fp32: the
 gate is sampled and the expected L0 summed in fp32, gradients are formed in fp32 and rounded once to the
-parameters' dtype. Only the sampled gate kept for backward is stored in the diff's dtype.
+parameters' dtype. The gate is rounded to the diff's dtype before it is used, in forward and backward alike.
 """
 
 from __future__ import annotations
@@ -103,15 +104,45 @@ def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: boo
     return grad_w, grad_alpha, grad_group
 
 
-def sampled_delta(w: torch.Tensor, alpha: torch.Tensor, group: torch.Tensor | None, stretch):
-    """A fresh gate sample `z` for `alpha` and the diff `z * w * group` it gives, without autograd.
+def _generator_state(device: torch.device) -> torch.Tensor:
+    """The state of the default random generator of `device` (the one `torch.rand_like` draws from there)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
 
-    The gate is sampled in fp32 and rounded to the dtype of `w`, so that forward and backward use the same `z`.
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.get_device_module(device.type).set_rng_state(state, device)
+
+
+def sampled_delta(w: torch.Tensor, alpha: torch.Tensor, group: torch.Tensor | None, stretch):
+    """A fresh gate sample for `alpha` and the diff `z * w * group` it gives, without autograd.
+
+    Returns `(noise, delta)`: `noise` is the random generator's state the gate was drawn from, from which
+    [`resampled_gate`] draws the same gate again in backward, so that no gate (4 bytes per fp32 entry) is kept alive
+    from forward to backward. The gate is sampled in fp32 and rounded to the dtype of `w`.
     """
+    noise = _generator_state(alpha.device)
     with torch.no_grad():
         z = _sample_gate(alpha.detach(), stretch).to(w.dtype)
-        delta = z * w
-        return z, (delta if group is None else delta.mul_(group))
+        delta = z.mul_(w)  # z is a fresh buffer in the dtype of w
+        return noise, (delta if group is None else delta.mul_(group))
+
+
+def resampled_gate(alpha: torch.Tensor, stretch, dtype: torch.dtype, noise: torch.Tensor) -> torch.Tensor:
+    """The gate [`sampled_delta`] drew from the generator state `noise`, bit for bit (the same draws, the same ops),
+    in `dtype` (that of `w`). The generator's own state is left as it was: backward does not move the random stream
+    that later forwards draw from."""
+    current = _generator_state(alpha.device)
+    _set_generator_state(alpha.device, noise)
+    try:
+        with torch.no_grad():
+            return _sample_gate(alpha.detach(), stretch).to(dtype)
+    finally:
+        _set_generator_state(alpha.device, current)
 
 
 @dataclass(frozen=True)
@@ -228,7 +259,7 @@ def tensor_penalty(
 class _HardConcreteDelta(torch.autograd.Function):
     """`delta = z * w * group` with `z ~ HardConcrete(alpha)`, only at `rows` if given, and the tensor's penalty.
 
-    Saves only `z` (and the inputs) for backward. The penalty (over all of `alpha`, see [`tensor_penalty`]) is a
+    Saves the inputs and the generator state `z` was drawn from, and draws `z` again in backward. The penalty (over all of `alpha`, see [`tensor_penalty`]) is a
     second output of the same node, so its gradient is computed in the same backward call as the task gradient:
     under FSDP that is while the module's parameters are gathered. With `weights=None` it is a constant 0.
     """
@@ -236,7 +267,7 @@ class _HardConcreteDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, alpha, group, stretch, rows, group_alpha, weights):
         used_w, used_alpha = (w, alpha) if rows is None else (w[rows], alpha[rows])
-        z, delta = sampled_delta(used_w, used_alpha, group, stretch)
+        ctx.noise, delta = sampled_delta(used_w, used_alpha, group, stretch)
         if weights is None:
             penalty = torch.zeros((), dtype=torch.float32, device=alpha.device)
             ctx.mark_non_differentiable(penalty)
@@ -244,12 +275,15 @@ class _HardConcreteDelta(torch.autograd.Function):
         else:
             penalty, ctx.elements, ctx.group = penalty_forward(alpha, group_alpha, stretch, weights)
         ctx.stretch, ctx.weights = stretch, weights
-        ctx.save_for_backward(used_w, group, z, rows, alpha, group_alpha)
+        ctx.save_for_backward(w, group, rows, alpha, group_alpha)
         return delta, penalty
 
     @staticmethod
     def backward(ctx, grad_delta, grad_penalty):
-        w, group, z, rows, alpha, group_alpha = ctx.saved_tensors
+        w, group, rows, alpha, group_alpha = ctx.saved_tensors
+        if rows is not None:
+            w = w[rows]
+        z = resampled_gate(alpha if rows is None else alpha[rows], ctx.stretch, w.dtype, ctx.noise)
         needs = ctx.needs_input_grad
         grad_w, grad_alpha, grad_group = gate_grads(grad_delta.clone(), w, group, z, ctx.stretch, *needs[:3])
         if rows is not None:
