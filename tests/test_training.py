@@ -187,7 +187,7 @@ class TestGatedLinear:
 
     @pytest.fixture
     def fixed_gates(self, monkeypatch):
-        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s))
+        monkeypatch.setattr(gates, "_uniform_noise", _fixed_noise)
         monkeypatch.setattr(
             layer, "sample_group_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s)
         )
