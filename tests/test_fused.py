@@ -95,16 +95,15 @@ def test_same_seed_same_gates():
 
 
 def test_compiled_kernels_match_the_eager_gates(fused_mode, caplog):
-    """Inductor's kernels (compiled once here) give the eager code's values, on a linear layer and gated rows."""
+    """Inductor's kernels (compiled here: about 10 s, once per machine, then cached) give the eager code's values."""
     fused_mode("off")
-    eager = {case: _layer_step(rows=case == "rows") for case in ("plain", "rows")}
+    eager = _layer_step()
     fused_mode("compile")
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
-        compiled = {case: _layer_step(rows=case == "rows") for case in ("plain", "rows")}
+        compiled = _layer_step()
     assert not [r for r in caplog.records if r.name == fused.__name__], "compiling the fused gate kernels failed"
-    assert set(fused._compiled) == {"sample", "adapted", "grads", "open_sum", "penalty_grad"}
-    for case in eager:
-        _assert_same(compiled[case], eager[case], torch.float32)
+    assert set(fused._compiled) == {"sample", "adapted", "grads"}
+    _assert_same(compiled, eager, torch.float32)
 
 
 def test_a_failing_compile_falls_back_to_the_eager_gates(fused_mode, monkeypatch, caplog):

@@ -355,7 +355,8 @@ class _HardConcreteDelta(torch.autograd.Function):
             )
             if grad_alpha is not None:
                 full = torch.zeros_like(alpha) if scale is None else penalty_grad(alpha, ctx.stretch, scale)
-                grad_alpha = full.index_add_(0, rows, grad_alpha.to(full.dtype))
+                # index_select + index_copy_: index_add_ on CPU goes through a slow scatter_add
+                grad_alpha = full.index_copy_(0, rows, full.index_select(0, rows).add_(grad_alpha))
         grad_group_alpha = None
         if weights is not None:
             grad_group_alpha = group_penalty_grad(grad_penalty, group_alpha, ctx.stretch, weights, ctx.elements)

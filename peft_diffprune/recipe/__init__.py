@@ -6,6 +6,7 @@ from .training import (
     DiffPruningSchedule,
     LossTerms,
     clip_grad_norm_per_group,
+    fused_adamw_supported,
     param_groups,
     stage_scheduler,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "LossTerms",
     "checkpoint_stage",
     "clip_grad_norm_per_group",
+    "fused_adamw_supported",
     "param_groups",
     "stage_scheduler",
 ]
