@@ -20,15 +20,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..diff_pruning.sparse import project_to_sparsity
-from .optim import OptimizerInBackward, unwrap_optimizer
-from .training import (
-    DiffPruningSchedule,
-    LossTerms,
-    clip_grad_norm_per_group,
-    fused_adamw_supported,
-    param_groups,
-    stage_scheduler,
-)
+from .optim import OptimizerInBackward, fused_adamw_supported, unwrap_optimizer
+from .training import DiffPruningSchedule, LossTerms, clip_grad_norm_per_group, param_groups, stage_scheduler
 
 
 #: Written into every checkpoint (and the final save) by the trainer: which stage the saved adapter is in.

@@ -78,16 +78,6 @@ def param_groups(
     return groups
 
 
-def fused_adamw_supported(groups: list[dict[str, Any]]) -> bool:
-    """Whether torch's fused AdamW (`fused=True`) can step every parameter of `groups`: plain tensors on CPU or CUDA
-    (not the DTensors of FSDP2). On CPU it is several times faster than AdamW's default implementation, a cost the
-    gated stage, with a diff and a gate logit per parameter, pays twice."""
-    params = [param for group in groups for param in group["params"]]
-    return all(
-        type(param) in (torch.Tensor, nn.Parameter) and param.device.type in ("cpu", "cuda") for param in params
-    )
-
-
 def linear_schedule(num_warmup_steps: int, num_training_steps: int):
     """Linear warmup then linear decay to 0, as a `LambdaLR` factor of the step."""
 
