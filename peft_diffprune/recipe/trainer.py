@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..diff_pruning.sparse import project_to_sparsity
-from .optim import OptimizerInBackward, fused_adamw_supported, unwrap_optimizer
+from .optim import OptimizerInBackward, unwrap_optimizer
 from .training import DiffPruningSchedule, LossTerms, clip_grad_norm_per_group, param_groups, stage_scheduler
 
 
@@ -59,9 +59,9 @@ class DiffPruningTrainerMixin:
       `diff_pruning.fixmask_epochs` (or `fixmask_max_steps`). Checkpoints go to `<output_dir>/gated/checkpoint-N`
       and `<output_dir>/fixmask/checkpoint-N`, each with a `diff_pruning_stage.json`; one taken after projection
       holds the sparse adapter. `resume_from_checkpoint=True` resumes from the latest, in either stage.
-    - The optimizer is AdamW (torch's fused kernel where it can run) over [`param_groups`]: diffs at `learning_rate` with the `TrainingArguments`' linear
-      decay and warmup, gate logits at the constant `diff_pruning.alpha_learning_rate`; `max_grad_norm` clips each
-      group apart. `diff_pruning.optimizer_in_backward` runs AdamW in backward instead ([`OptimizerInBackward`]:
+    - The optimizer is AdamW over [`param_groups`] (fused where it can run): diffs at `learning_rate` with the
+      `TrainingArguments`' linear decay and warmup, gate logits at the constant `diff_pruning.alpha_learning_rate`;
+      `max_grad_norm` clips each group apart. `diff_pruning.optimizer_in_backward` runs AdamW in backward instead ([`OptimizerInBackward`]:
       less peak memory; needs `max_grad_norm=0` and no gradient accumulation).
     - The logs (and every `report_to` tracker) get `task_loss`, `l0_term` and `expected_density` beside `loss`
       (the objective, the L0 term included).
@@ -116,10 +116,7 @@ class DiffPruningTrainerMixin:
             groups = param_groups(self.model, lr, self.diff_pruning.alpha_learning_rate, self.args.weight_decay)
             optimizer_class = OptimizerInBackward if self.diff_pruning.optimizer_in_backward else torch.optim.AdamW
             self.optimizer = optimizer_class(
-                groups,
-                betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
-                fused=fused_adamw_supported(groups) or None,
+                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon
             )
         return self.optimizer
 
