@@ -1,9 +1,11 @@
-"""The gate's per-entry work on one tensor, eager (`gates.py`) against fused (`diff_pruning/fused.py`, compiled).
+"""The gated stage's per-entry work on one tensor: the gate, eager (`gates.py`) against fused
+(`diff_pruning/fused.py`, compiled), and AdamW's step, torch's default implementation against its fused kernel.
 
 Per diff entry, the gated stage's step samples a hard-concrete gate, forms `W + z * w` and sums the expected L0
 (forward: `gates.gate_forward`), then forms the gradients of `w` and `alpha` with the penalty's (backward:
 `gates.gate_backward`). This times both on one BERT-base feed-forward weight (768 x 3072) in each mode of
-`fused.set_mode`, with the same noise, and checks that they agree.
+`fused.set_mode`, with the same noise, and checks that they agree; then times AdamW's step on the same tensor (per
+parameter, wall and CPU time: the gated stage steps two tensors, `w` and `alpha`, per base parameter).
 
     python benchmarks/gate_fusion.py --threads 2 --output benchmarks/results/gate_fusion.json
 """
@@ -11,6 +13,7 @@ Per diff entry, the gated stage's step samples a hard-concrete gate, forms `W + 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -30,6 +33,21 @@ def step(w, alpha, weight, grad_delta):
     scale = torch.tensor(L0_LAMBDA)
     grads = gates.gate_backward(grad_delta.clone(), w, None, z, STRETCH, (True, True, False), alpha, scale)
     return adapted, elements, *grads[:2]
+
+
+def adamw_step_ns(like: torch.Tensor, fused_kernel: bool, repeats: int) -> dict:
+    """Nanoseconds per parameter of one AdamW step (median), wall and CPU (`time.process_time`, all threads)."""
+    param = torch.nn.Parameter(torch.randn_like(like))
+    param.grad = torch.randn_like(like)
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=fused_kernel or None)
+    optimizer.step()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        optimizer.step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {name: 1e9 * statistics.median(times) / like.numel() for name, times in (("wall", wall), ("cpu", cpu))}
 
 
 def main() -> None:
@@ -59,7 +77,9 @@ def main() -> None:
         ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
         for a, b in zip(outputs["compile"], outputs["off"], strict=True)
     )
+    results["adamw"] = {kind: adamw_step_ns(w, kind == "fused", args.repeats) for kind in ("default", "fused")}
     results["entries"] = w.numel()
+    results["load_average_1min"] = os.getloadavg()[0]
     print(results)
     write_record(args.output, {"threads": args.threads, "repeats": args.repeats, "shape": list(shape)}, results)
 
