@@ -1,68 +1,53 @@
-"""Prototype: what fusing the gate's per-entry work with torch.compile (Inductor's CPU backend) would save.
+"""The gated stage's per-entry work on one tensor: the gate, eager (`gates.py`) against fused
+(`diff_pruning/fused.py`, compiled), and AdamW's step, torch's default implementation against its fused kernel.
 
-Per diff entry, the gated stage's step samples a hard-concrete gate and forms `z * w` (forward), forms the gradients
-of `w` and `alpha` from the sampled gate and adds the expected-L0 penalty's gradient (backward): today about a dozen
-elementwise passes in `diff_pruning/gates.py` (`sampled_delta`, `gate_grads`, `_SigmoidSum`), each reading and
-writing whole tensors. This times those eager functions against two compiled kernels that do the same math in one
-pass each, on one BERT-base feed-forward weight (768 x 3072), and checks that they agree (the compiled kernel draws
-its own noise, so the check feeds both the same noise).
+Per diff entry, the gated stage's step samples a hard-concrete gate, forms `W + z * w` and sums the expected L0
+(forward: `gates.gate_forward`), then forms the gradients of `w` and `alpha` with the penalty's (backward:
+`gates.gate_backward`). This times both on one BERT-base feed-forward weight (768 x 3072) in each mode of
+`fused.set_mode`, with the same noise, and checks that they agree; then times AdamW's step on the same tensor (per
+parameter, wall and CPU time: the gated stage steps two tensors, `w` and `alpha`, per base parameter).
 
-    python benchmarks/gate_fusion.py --output benchmarks/results/gate_fusion.json
+    python benchmarks/gate_fusion.py --threads 2 --output benchmarks/results/gate_fusion.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from _record import write_record
 
-from peft_diffprune.diff_pruning import gates
+from peft_diffprune.diff_pruning import fused, gates
 
 
 STRETCH = (-1.5, 1.5)
 L0_LAMBDA = 1.25e-7
 
 
-def eager_step(w, alpha, grad_delta):
-    """What the gated stage does per tensor today: sample and scale, then the gradients and the penalty's."""
-    z, delta = gates.sampled_delta(w, alpha, None, STRETCH)
-    penalty = gates._SigmoidSum.apply(alpha.detach().requires_grad_(), gates.l0_shift(STRETCH))
-    grad_w, grad_alpha, _ = gates.gate_grads(grad_delta.clone(), w, None, z, STRETCH, True, True, False)
-    s = torch.sigmoid(alpha)  # the penalty's backward (sigmoid_backward of the shifted sigmoid)
-    grad_alpha += torch.ops.aten.sigmoid_backward(torch.full_like(s, L0_LAMBDA), s)
-    return delta, penalty, grad_w, grad_alpha
+def step(w, alpha, weight, grad_delta):
+    """The gate's forward and backward work for one tensor in one step, as the gated linear layer does it."""
+    z, adapted, elements = gates.gate_forward(w, alpha, None, STRETCH, weight, open_sum=True)
+    scale = torch.tensor(L0_LAMBDA)
+    grads = gates.gate_backward(grad_delta.clone(), w, None, z, STRETCH, (True, True, False), alpha, scale)
+    return adapted, elements, *grads[:2]
 
 
-def fused_forward(w, alpha, noise):
-    left, right = STRETCH
-    u = noise.clamp(gates.NOISE_EPS, 1 - gates.NOISE_EPS)
-    z = (torch.sigmoid(torch.log(u) - torch.log1p(-u) + alpha) * (right - left) + left).clamp(0, 1)
-    return z, z * w, torch.sigmoid(alpha - gates.l0_shift(STRETCH)).sum()
-
-
-def fused_forward_drawing_noise(w, alpha):
-    """The same, with the noise drawn inside the kernel (Inductor's own generator): one pass fewer."""
-    return fused_forward(w, alpha, torch.rand_like(alpha))
-
-
-def fused_backward(grad_delta, w, alpha, z):
-    left, right = STRETCH
-    inside = (z > 0) & (z < 1)
-    dz = torch.where(inside, (z - left) * (right - z) / (right - left), 0.0)
-    s = torch.sigmoid(alpha - gates.l0_shift(STRETCH))
-    return grad_delta * z, grad_delta * w * dz + L0_LAMBDA * s * (1 - s)
-
-
-def timed(fn, repeats: int) -> list[float]:
-    times = []
+def adamw_step_ns(like: torch.Tensor, fused_kernel: bool, repeats: int) -> dict:
+    """Nanoseconds per parameter of one AdamW step (median), wall and CPU (`time.process_time`, all threads)."""
+    param = torch.nn.Parameter(torch.randn_like(like))
+    param.grad = torch.randn_like(like)
+    optimizer = torch.optim.AdamW([param], lr=1e-3, fused=fused_kernel or None)
+    optimizer.step()
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+        start, start_cpu = time.perf_counter(), time.process_time()
+        optimizer.step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {name: 1e9 * statistics.median(times) / like.numel() for name, times in (("wall", wall), ("cpu", cpu))}
 
 
 def main() -> None:
@@ -74,42 +59,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     shape = (3072, 768)
-    w, alpha, grad_delta = (torch.randn(shape, generator=generator) * s for s in (1e-3, 1.0, 1e-4))
+    w, alpha, weight, grad_delta = (torch.randn(shape, generator=generator) * s for s in (1e-3, 1.0, 0.02, 1e-4))
     alpha += 3.0
-    forward, backward = torch.compile(fused_forward), torch.compile(fused_backward)
-    forward_drawing_noise = torch.compile(fused_forward_drawing_noise)
-
-    def compiled_step():
-        z, delta, penalty = forward(w, alpha, torch.rand(shape))
-        return (delta, penalty, *backward(grad_delta, w, alpha, z))
-
-    def compiled_step_drawing_noise():
-        z, delta, penalty = forward_drawing_noise(w, alpha)
-        return (delta, penalty, *backward(grad_delta, w, alpha, z))
-
-    # the same noise through both: the fused kernels give the eager functions' values
-    torch.manual_seed(1)
-    reference = eager_step(w, alpha, grad_delta)
-    torch.manual_seed(1)
-    z, delta, penalty = forward(w, alpha, torch.rand(shape, dtype=torch.float32))
-    fused = (delta, penalty, *backward(grad_delta, w, alpha, z))
-    errors = [
-        (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(fused, reference, strict=True)
-    ]
-    results = {}
-    steps = {
-        "eager": lambda: eager_step(w, alpha, grad_delta),
-        "compiled": compiled_step,
-        "compiled_drawing_noise": compiled_step_drawing_noise,
-    }
-    for name, fn in steps.items():
-        fn()
-        samples = [1e3 * t for t in timed(fn, args.repeats)]
-        results[name] = {"ms_per_tensor": statistics.median(samples), "ms_spread": [min(samples), max(samples)]}
-    for name in ("compiled", "compiled_drawing_noise"):
-        results[f"speedup_{name}"] = results["eager"]["ms_per_tensor"] / results[name]["ms_per_tensor"]
-    results["max_relative_difference"] = max(errors)
+    results, outputs = {}, {}
+    for mode in ("off", "compile"):
+        fused.set_mode(mode)
+        torch.manual_seed(1)
+        outputs[mode] = step(w, alpha, weight, grad_delta)  # compiles, in mode "compile"
+        samples = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            step(w, alpha, weight, grad_delta)
+            samples.append(1e3 * (time.perf_counter() - start))
+        results[mode] = {"ms_per_tensor": statistics.median(samples), "ms_spread": [min(samples), max(samples)]}
+    results["speedup"] = results["off"]["ms_per_tensor"] / results["compile"]["ms_per_tensor"]
+    results["max_relative_difference"] = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(outputs["compile"], outputs["off"], strict=True)
+    )
+    results["adamw"] = {kind: adamw_step_ns(w, kind == "fused", args.repeats) for kind in ("default", "fused")}
     results["entries"] = w.numel()
+    results["load_average_1min"] = os.getloadavg()[0]
     print(results)
     write_record(args.output, {"threads": args.threads, "repeats": args.repeats, "shape": list(shape)}, results)
 

@@ -18,6 +18,7 @@ import ctypes
 import gc
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from _record import write_record
 METHODS = (
     "full",
     "diff_pruning",
+    "diff_pruning_unfused",
     "diff_pruning_structured",
     "dense_reference",
     "fixmask",
@@ -109,6 +111,12 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
     import peft_diffprune  # noqa: F401
     from peft_diffprune import DiffPruningConfig, param_groups, project_to_sparsity
 
+    if method.endswith("_unfused"):
+        # the gate's eager code of gates.py instead of the fused kernels of diff_pruning/fused.py
+        from peft_diffprune.diff_pruning import fused
+
+        fused.set_mode("off")
+        method = method.removesuffix("_unfused")
     model = load_base(model_name, dtype)
     if method in ("full", "eval_base"):
         return model, make_optimizer(model.parameters(), optimizer, lr=1e-5, weight_decay=0.0)
@@ -207,7 +215,8 @@ def worker(args) -> None:
     """Build one method, then run one step per "step" line read from stdin and answer with its time; on "exit",
     answer with the peak RSS. Every answer is one JSON line on stdout."""
     torch.set_num_threads(args.threads)
-    model, optimizer = build(args.method, args.model, args.dtype, args.optimizer)
+    optimizer_kind = args.full_optimizer if args.method == "full" and args.full_optimizer else args.optimizer
+    model, optimizer = build(args.method, args.model, args.dtype, optimizer_kind)
     batches = make_batches(model.config.vocab_size, args.batch_size, args.seq_len)
     evaluating = args.method.startswith("eval")
     model.train(not evaluating)
@@ -218,13 +227,14 @@ def worker(args) -> None:
         if command.strip() == "exit":
             break
         batch = batches[step % 2]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if evaluating:
             with torch.no_grad():
                 model(**batch)
         else:
             train_step(model, optimizer, batch)
-        print(json.dumps({"step_time_s": time.perf_counter() - start}), flush=True)
+        cpu_time = time.process_time() - start_cpu
+        print(json.dumps({"step_time_s": time.perf_counter() - start, "cpu_time_s": cpu_time}), flush=True)
     peak = status_mib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak, "peak_over_loaded_mib": peak - rss_before}), flush=True)
 
@@ -273,9 +283,14 @@ def measure(methods: list[str], settings: dict, rounds: int, warmup: int, max_wo
             for method in group:
                 workers[method] = Worker(method, settings)
             times = {method: [] for method in group}
+            cpu_times = {method: [] for method in group}
+            loads = []
             for _ in range(warmup + rounds):
+                loads.append(os.getloadavg()[0])
                 for method, worker in workers.items():
-                    times[method].append(worker.ask("step")["step_time_s"])
+                    answer = worker.ask("step")
+                    times[method].append(answer["step_time_s"])
+                    cpu_times[method].append(answer["cpu_time_s"])
             peaks = {method: worker.close() for method, worker in workers.items()}
         finally:
             for worker in workers.values():
@@ -286,11 +301,17 @@ def measure(methods: list[str], settings: dict, rounds: int, warmup: int, max_wo
                 continue
             timed = times[method][warmup:]
             ratios = [t / r for t, r in zip(timed, times[reference][warmup:], strict=True)]
+            cpu_timed = cpu_times[method][warmup:]
+            cpu_ratios = [t / r for t, r in zip(cpu_timed, cpu_times[reference][warmup:], strict=True)]
             results[method] = {
                 "step_time_s": statistics.median(timed),
                 "step_times_s": timed,
                 "time_ratio": statistics.median(ratios),
                 "time_ratios": ratios,
+                "cpu_time_s": statistics.median(cpu_timed),
+                "cpu_time_ratio": statistics.median(cpu_ratios),
+                "cpu_time_ratios": cpu_ratios,
+                "load_average_1min": loads[warmup:],
                 **workers[method].ready,
                 **peaks[method],
                 "peak_rss_ratio": peaks[method]["peak_rss_mib"] / peaks[reference]["peak_rss_mib"],
@@ -318,6 +339,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="of the base model and the adapter state")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fused", help="how AdamW runs")
+    parser.add_argument(
+        "--full_optimizer", choices=OPTIMIZERS, default=None, help="how full fine-tuning's AdamW runs (--optimizer's)"
+    )
     parser.add_argument("--max_workers", type=int, default=5)
     parser.add_argument("--output", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
@@ -325,7 +349,8 @@ def main() -> None:
         worker(args)
         return
     torch.set_num_threads(args.threads)
-    settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer")}
+    keys = ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "full_optimizer")
+    settings = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     results = measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     write_record(args.output, {**settings, "rounds": args.rounds, "warmup": args.warmup}, results)
 

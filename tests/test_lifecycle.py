@@ -300,6 +300,8 @@ class TestLifecycle:
         assert {id(p) for p in groups["diff"]["params"]} == {id(p) for p in others}
         assert groups["alpha"]["lr"] == 0.1 and groups["diff"]["lr"] == 1e-2
         assert groups["alpha"]["weight_decay"] == 0.0
+        # torch's fused AdamW steps them (`torch.optim.AdamW(param_groups(...))` is fused on CPU)
+        assert groups["alpha"]["fused"] is True and groups["diff"]["fused"] is True
 
     def test_optimizer_step_changes_only_diffs_gates_and_head(self, model_name, adapter_kwargs):
         _, model = make_models(model_name, adapter_kwargs)

@@ -65,11 +65,13 @@ def state_grads(model, batch):
 def fixed_noise(monkeypatch):
     """The same gate noise for every entry (u = 0.7) on both paths, so the pool and the dense stage draw alike."""
 
-    def sample(alpha, stretch):
-        noise = torch.full_like(alpha, 0.7, dtype=torch.float32)
-        return gates.sample_gate_from_noise(alpha.float(), noise, stretch)
+    def noise(alpha):
+        return torch.full_like(alpha, 0.7, dtype=torch.float32)
 
-    monkeypatch.setattr(gates, "_sample_gate", sample)
+    def sample(alpha, stretch):
+        return gates.sample_gate_from_noise(alpha.float(), noise(alpha), stretch)
+
+    monkeypatch.setattr(gates, "_uniform_noise", noise)  # the element gates' one source of noise, fused or not
     monkeypatch.setattr(gates, "sample_group_gate", lambda a, s: sample(a, s))
     monkeypatch.setattr("peft_diffprune.diff_pruning.layer.sample_group_gate", lambda a, s: sample(a, s))
 

@@ -187,7 +187,7 @@ class TestGatedLinear:
 
     @pytest.fixture
     def fixed_gates(self, monkeypatch):
-        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s))
+        monkeypatch.setattr(gates, "_uniform_noise", _fixed_noise)
         monkeypatch.setattr(
             layer, "sample_group_gate", lambda a, s: gates.sample_gate_from_noise(a, _fixed_noise(a), s)
         )
@@ -261,8 +261,8 @@ class TestGatedLinear:
         # parameters); the gates backward draws again are the forward's, bit for bit, whatever was drawn in between,
         # and the gradients are those of plain autograd through the forward's gates
         drawn = []
-        sample = gates._sample_gate
-        monkeypatch.setattr(gates, "_sample_gate", lambda a, s: drawn.append(sample(a, s)) or drawn[-1].clone())
+        noise = gates._uniform_noise  # the gates' one source of noise, fused or eager
+        monkeypatch.setattr(gates, "_uniform_noise", lambda a: drawn.append(noise(a)) or drawn[-1].clone())
         x = torch.randn(4, 5, 16, requires_grad=True)
         weight, bias = torch.randn(8, 16), torch.randn(8)
         diffs = [
@@ -285,8 +285,12 @@ class TestGatedLinear:
         grads = torch.autograd.grad(out, [x, *diffs], upstream)
         assert torch.equal(torch.get_rng_state(), before_backward)
         assert len(drawn) == 4 and all(torch.equal(drawn[i], drawn[i + 2]) for i in range(2))
-        reference = torch.nn.functional.linear(x, weight + drawn[0] * diffs[0], bias + drawn[1] * diffs[2])
-        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+        gate_weight, gate_bias = (
+            gates.sample_gate_from_noise(alpha.detach(), u, (-1.5, 1.5))
+            for alpha, u in ((diffs[1], drawn[0]), (diffs[3], drawn[1]))
+        )
+        reference = torch.nn.functional.linear(x, weight + gate_weight * diffs[0], bias + gate_bias * diffs[2])
+        torch.testing.assert_close(out, reference)
         reference_grads = torch.autograd.grad(reference, [x, diffs[0], diffs[2]], upstream)
         for grad, expected in zip([grads[0], grads[1], grads[3]], reference_grads, strict=True):
             torch.testing.assert_close(grad, expected)

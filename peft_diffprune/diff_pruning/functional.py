@@ -15,7 +15,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .gates import L0Weights, gate_grads, penalty_backward, penalty_forward, resampled_gate, sampled_delta
+from .gates import (
+    L0Weights,
+    adapted_weight,
+    gate_backward,
+    gate_forward,
+    group_penalty_grad,
+    penalty_forward,
+    penalty_scale,
+    redrawn_gate,
+)
 
 
 def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor | None):
@@ -102,24 +111,33 @@ class _GatedDiffLinear(torch.autograd.Function):
         w_weight, alpha_weight, group_weight, group_alpha_weight, w_bias, alpha_bias, group_bias, group_alpha_bias = (
             diffs
         )
-        ctx.noise_weight, delta_weight = sampled_delta(w_weight, alpha_weight, group_weight, stretch)
+        # sampling, `W + delta` and the expected L0's sum in one pass (gates.gate_forward)
+        open_sum = weights is not None
+        ctx.draw_weight, adapted_weight, weight_sum = gate_forward(
+            w_weight, alpha_weight, group_weight, stretch, weight, open_sum
+        )
         adapted_bias = bias
+        bias_sum = None
         if w_bias is not None:
-            ctx.noise_bias, delta_bias = sampled_delta(w_bias, alpha_bias, group_bias, stretch)
-            adapted_bias = bias + delta_bias.to(bias.dtype)
+            ctx.draw_bias, adapted_bias, bias_sum = gate_forward(
+                w_bias, alpha_bias, group_bias, stretch, bias, open_sum
+            )
         penalties, ctx.penalty_state = [], []
-        for alpha, group_alpha in ((alpha_weight, group_alpha_weight), (alpha_bias, group_alpha_bias)):
+        for alpha, group_alpha, elements in (
+            (alpha_weight, group_alpha_weight, weight_sum),
+            (alpha_bias, group_alpha_bias, bias_sum),
+        ):
             if weights is None or alpha is None:
                 penalty = torch.zeros((), dtype=torch.float32, device=x.device)
                 ctx.mark_non_differentiable(penalty)
                 ctx.penalty_state.append(None)
             else:
-                penalty, elements, group = penalty_forward(alpha, group_alpha, stretch, weights)
+                penalty, elements, group = penalty_forward(alpha, group_alpha, stretch, weights, elements)
                 ctx.penalty_state.append((elements, group))
             penalties.append(penalty)
         ctx.stretch, ctx.weights = stretch, weights
         ctx.save_for_backward(x, weight, *diffs)
-        return F.linear(x, delta_weight.to(weight.dtype).add_(weight), adapted_bias), *penalties
+        return F.linear(x, adapted_weight, adapted_bias), *penalties
 
     @staticmethod
     def backward(ctx, grad_out, *grad_penalties):
@@ -128,27 +146,32 @@ class _GatedDiffLinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        z_weight = resampled_gate(alpha_weight, ctx.stretch, w_weight.dtype, ctx.noise_weight)
+        if needs[0] or any(needs[5:8]):
+            z_weight = redrawn_gate(ctx.draw_weight, alpha_weight, ctx.stretch, w_weight.dtype)
         if needs[0]:
-            adapted_weight = z_weight * w_weight
-            if group_weight is not None:
-                adapted_weight.mul_(group_weight)
-            grad_x = grad_out @ adapted_weight.to(weight.dtype).add_(weight)
-            del adapted_weight
+            grad_x = grad_out @ adapted_weight(weight, z_weight, w_weight, group_weight)
+        # the penalty's gradient reaches the element logits in the same pass as the task's (gates.gate_backward)
+        scales = [
+            None if state is None else penalty_scale(grad_penalty, ctx.weights, state[1])
+            for grad_penalty, state in zip(grad_penalties, ctx.penalty_state, strict=True)
+        ]
         weight_grads = bias_grads = (None, None, None)
         if any(needs[5:8]):
             grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-            weight_grads = gate_grads(grad_weight, w_weight, group_weight, z_weight, ctx.stretch, *needs[5:8])
+            weight_grads = gate_backward(
+                grad_weight, w_weight, group_weight, z_weight, ctx.stretch, needs[5:8], diffs[1], scales[0]
+            )
         if w_bias is not None and any(needs[9:12]):
-            z_bias = resampled_gate(alpha_bias, ctx.stretch, w_bias.dtype, ctx.noise_bias)
-            bias_grads = gate_grads(grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, *needs[9:12])
+            z_bias = redrawn_gate(ctx.draw_bias, alpha_bias, ctx.stretch, w_bias.dtype)
+            bias_grads = gate_backward(
+                grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, needs[9:12], diffs[5], scales[1]
+            )
         grads = [*weight_grads, None, *bias_grads, None]
         for offset, grad_penalty, state in zip((0, 4), grad_penalties, ctx.penalty_state, strict=True):
-            if state is None:
-                continue
-            grads[offset + 1], grads[offset + 3] = penalty_backward(
-                grad_penalty, diffs[offset + 1], diffs[offset + 3], ctx.stretch, ctx.weights, *state, grads[offset + 1]
-            )
+            if state is not None:
+                grads[offset + 3] = group_penalty_grad(
+                    grad_penalty, diffs[offset + 3], ctx.stretch, ctx.weights, state[0]
+                )
         return grad_x, None, None, None, None, *grads
 
 

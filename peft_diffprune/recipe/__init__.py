@@ -1,6 +1,7 @@
 """The three-stage recipe around the methods: the stage schedule, optimizer groups, the Trainer integration, and the
 GLUE data and plots of the example. It imports the methods; the methods never import it."""
 
+from .optim import fused_adamw_supported
 from .trainer import DiffPruningTrainer, DiffPruningTrainerMixin, checkpoint_stage
 from .training import (
     DiffPruningSchedule,
@@ -28,6 +29,7 @@ __all__ = [
     "LossTerms",
     "checkpoint_stage",
     "clip_grad_norm_per_group",
+    "fused_adamw_supported",
     "param_groups",
     "stage_scheduler",
 ]

@@ -21,6 +21,16 @@ from typing import Any
 import torch
 
 
+def fused_adamw_supported(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW (`fused=True`) can step every parameter of `groups`: plain tensors on CPU or CUDA
+    (not the DTensors of FSDP2). On CPU it is several times faster than AdamW's default implementation, a cost the
+    gated stage, with a diff and a gate logit per parameter, pays twice."""
+    params = [param for group in groups for param in group["params"]]
+    return all(
+        type(param) in (torch.Tensor, torch.nn.Parameter) and param.device.type in ("cpu", "cuda") for param in params
+    )
+
+
 class OptimizerInBackward(torch.optim.Optimizer):
     """An optimizer whose update runs in backward, one parameter at a time, with the surface of an ordinary one.
 

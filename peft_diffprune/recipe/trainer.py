@@ -71,9 +71,9 @@ class DiffPruningTrainerMixin:
       `diff_pruning.fixmask_epochs` (or `fixmask_max_steps`). Checkpoints go to `<output_dir>/gated/checkpoint-N`
       and `<output_dir>/fixmask/checkpoint-N`, each with a `diff_pruning_stage.json`; one taken after projection
       holds the sparse adapter. `resume_from_checkpoint=True` resumes from the latest, in either stage.
-    - The optimizer is AdamW over [`param_groups`]: diffs at `learning_rate` with the `TrainingArguments`' linear
-      decay and warmup, gate logits at the constant `diff_pruning.alpha_learning_rate`; `max_grad_norm` clips each
-      group apart. `diff_pruning.optimizer_in_backward` runs AdamW in backward instead ([`OptimizerInBackward`]:
+    - The optimizer is AdamW over [`param_groups`] (fused where it can run): diffs at `learning_rate` with the
+      `TrainingArguments`' linear decay and warmup, gate logits at the constant `diff_pruning.alpha_learning_rate`;
+      `max_grad_norm` clips each group apart. `diff_pruning.optimizer_in_backward` runs AdamW in backward instead ([`OptimizerInBackward`]:
       less peak memory; needs `max_grad_norm=0` and no gradient accumulation).
     - The logs (and every `report_to` tracker) get `task_loss`, `l0_term` and `expected_density` beside `loss`
       (the objective, the L0 term included).

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..diff_pruning.model import get_tuner
 from ..diff_pruning.sparse import base_parameter_count
-from .optim import OptimizerInBackward, unwrap_optimizer
+from .optim import OptimizerInBackward, fused_adamw_supported, unwrap_optimizer
 
 
 #: The stages of diff pruning, in order.
@@ -64,7 +64,11 @@ def param_groups(
     """Optimizer parameter groups: diffs (and trainable task heads) at `lr`, gate logits at `alpha_lr`.
 
     The paper trains `w` with lr 1e-5 and the gate logits `alpha` with lr 0.1; gate logits get no weight decay.
-    Each group carries a `"name"` (`"diff"` or `"alpha"`) so schedules and gradient clipping can treat them apart.
+    Each group carries a `"name"` (`"diff"` or `"alpha"`) so schedules and gradient clipping can treat them apart,
+    and `"fused": True` where torch's fused optimizer kernels can step its parameters ([`fused_adamw_supported`]):
+    `torch.optim.AdamW(param_groups(...))` then runs fused AdamW, on CPU several times faster than its default for
+    the gated stage's doubled parameters (a group's key wins over the optimizer's `fused=` argument: set the key to
+    False to opt out).
     """
     get_tuner(model)
     diffs, alphas = [], []
@@ -75,6 +79,9 @@ def param_groups(
     groups = [{"name": "diff", "params": diffs, "lr": lr, "weight_decay": weight_decay}]
     if alphas:
         groups.append({"name": "alpha", "params": alphas, "lr": alpha_lr, "weight_decay": 0.0})
+    if fused_adamw_supported(groups):
+        for group in groups:
+            group["fused"] = True
     return groups
 
 
