@@ -29,7 +29,7 @@ L0_LAMBDA = 1.25e-7
 
 def step(w, alpha, weight, grad_delta):
     """The gate's forward and backward work for one tensor in one step, as the gated linear layer does it."""
-    z, adapted, elements = gates.gate_forward(w, alpha, None, STRETCH, weight, open_sum=True)
+    z, _, adapted, elements = gates.gate_forward(w, alpha, None, STRETCH, weight, open_sum=True)
     scale = torch.tensor(L0_LAMBDA)
     grads = gates.gate_backward(grad_delta.clone(), w, None, z, STRETCH, (True, True, False), alpha, scale)
     return adapted, elements, *grads[:2]

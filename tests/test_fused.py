@@ -83,14 +83,19 @@ def test_fused_math_matches_the_eager_gates(fused_mode, dtype, case):
     _assert_same(_layer_step(dtype, **case), eager, dtype)
 
 
-def test_same_seed_same_gates():
-    """The fused sample draws its noise from torch's default generator, as the eager one: the same gates."""
+@pytest.mark.parametrize("redraw", [False, True], ids=["kept", "redrawn"])
+def test_same_seed_same_gates(redraw, monkeypatch):
+    """The fused sample draws its noise from torch's default generator, as the eager one: the same gates, kept from
+    forward or drawn again for backward (without moving the generator)."""
+    monkeypatch.setattr(gates, "_redraw", redraw)
     alpha, w = torch.linspace(-3, 5, 300), torch.ones(300)
     torch.manual_seed(5)
-    draw, delta, elements = gates.gate_forward(w, alpha, None, STRETCH, open_sum=True)
-    after = torch.get_rng_state()
-    z = gates.redrawn_gate(draw, alpha, STRETCH, w.dtype)  # the forward's gate, drawn again
-    assert torch.equal(torch.get_rng_state(), after)
+    z, draw, delta, elements = gates.gate_forward(w, alpha, None, STRETCH, open_sum=True)
+    assert (z is None, draw is None) == (redraw, not redraw)
+    if redraw:
+        after = torch.get_rng_state()
+        z = gates.redrawn_gate(draw, alpha, STRETCH, w.dtype)  # the forward's gate, drawn again
+        assert torch.equal(torch.get_rng_state(), after)
     torch.manual_seed(5)
     reference = gates.sample_gate_from_noise(alpha, torch.rand(300), STRETCH)
     torch.testing.assert_close(z, reference)
@@ -111,7 +116,7 @@ def test_compiled_kernels_match_the_eager_gates(fused_mode, caplog):
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         compiled = _layer_step()
     assert not [r for r in caplog.records if r.name == fused.__name__], "compiling the fused gate kernels failed"
-    assert set(fused._compiled) == {"sampled", "gate", "adapted", "grads"}
+    assert set(fused._compiled) == {"sample", "adapted", "grads"}
     _assert_same(compiled, eager, torch.float32)
 
 
@@ -145,3 +150,12 @@ def test_bad_mode_is_refused(fused_mode, monkeypatch):
     fused_mode(None)
     with pytest.raises(ValueError, match="PEFT_DIFFPRUNE_FUSED_GATES must be one of"):
         fused.mode()
+
+
+def test_a_bad_redraw_setting_is_refused(monkeypatch):
+    monkeypatch.setattr(gates, "_redraw", None)
+    monkeypatch.setenv(gates.REDRAW_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="PEFT_DIFFPRUNE_REDRAW_GATES must be '0'"):
+        gates.redraw_gates()
+    monkeypatch.setenv(gates.REDRAW_ENV_VAR, "1")
+    assert gates.redraw_gates()

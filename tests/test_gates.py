@@ -164,6 +164,7 @@ class TestGradients:
     def test_backward_draws_the_forwards_gate_again(self, rows, monkeypatch):
         # no gate is kept for backward: it is drawn again from the generator state of the forward, bit for bit, even
         # when other draws happen in between, and backward leaves the random stream where it was
+        monkeypatch.setattr(gates, "_redraw", True)  # gates.set_redraw_gates(True)
         drawn = []
         noise = gates._uniform_noise  # the gates' one source of noise, fused or eager
         monkeypatch.setattr(gates, "_uniform_noise", lambda a: drawn.append(noise(a)) or drawn[-1].clone())

@@ -260,6 +260,7 @@ class TestGatedLinear:
         # no gate is saved for backward (the graph holds no tensor of a weight's or a bias's shape besides
         # parameters); the gates backward draws again are the forward's, bit for bit, whatever was drawn in between,
         # and the gradients are those of plain autograd through the forward's gates
+        monkeypatch.setattr(gates, "_redraw", True)  # gates.set_redraw_gates(True)
         drawn = []
         noise = gates._uniform_noise  # the gates' one source of noise, fused or eager
         monkeypatch.setattr(gates, "_uniform_noise", lambda a: drawn.append(noise(a)) or drawn[-1].clone())

@@ -96,8 +96,9 @@ class _GatedDiffLinear(torch.autograd.Function):
     """`F.linear(x, W + z_W * w_W * g_W, b + z_b * w_b * g_b)` for a frozen `W`, `b` and fresh hard-concrete gates,
     and the expected-L0 penalties of the weight's and the bias's gates.
 
-    Saves `x` and the inputs (parameters, no copies): the gates are drawn again in backward from the generator states
-    they were drawn from (see gates.py), and the adapted weight is rebuilt there.
+    Saves `x`, the gate samples and the inputs (parameters, no copies); the adapted weight is rebuilt in backward.
+    Where `gates.redraw_gates()`, no gate is saved: backward draws them again from the generator states they were
+    drawn from.
     Each of the weight and the bias comes with its dense diff `w`, gate logits `alpha`, group gate `g` and group
     logit `alpha^j` (`None` for unstructured diffs; all four `None` for a bias without a diff). No gradient reaches
     `W` and `b`. The diff may have another dtype than `W` (fp32 diffs on a bf16 base): it is rounded to `W`'s dtype
@@ -113,13 +114,13 @@ class _GatedDiffLinear(torch.autograd.Function):
         )
         # sampling, `W + delta` and the expected L0's sum in one pass (gates.gate_forward)
         open_sum = weights is not None
-        ctx.draw_weight, adapted_weight, weight_sum = gate_forward(
+        z_weight, ctx.draw_weight, adapted_weight, weight_sum = gate_forward(
             w_weight, alpha_weight, group_weight, stretch, weight, open_sum
         )
         adapted_bias = bias
-        bias_sum = None
+        z_bias = bias_sum = None
         if w_bias is not None:
-            ctx.draw_bias, adapted_bias, bias_sum = gate_forward(
+            z_bias, ctx.draw_bias, adapted_bias, bias_sum = gate_forward(
                 w_bias, alpha_bias, group_bias, stretch, bias, open_sum
             )
         penalties, ctx.penalty_state = [], []
@@ -136,17 +137,17 @@ class _GatedDiffLinear(torch.autograd.Function):
                 ctx.penalty_state.append((elements, group))
             penalties.append(penalty)
         ctx.stretch, ctx.weights = stretch, weights
-        ctx.save_for_backward(x, weight, *diffs)
+        ctx.save_for_backward(x, weight, z_weight, z_bias, *diffs)
         return F.linear(x, adapted_weight, adapted_bias), *penalties
 
     @staticmethod
     def backward(ctx, grad_out, *grad_penalties):
-        x, weight, *diffs = ctx.saved_tensors
+        x, weight, z_weight, z_bias, *diffs = ctx.saved_tensors
         w_weight, alpha_weight, group_weight, _, w_bias, alpha_bias, group_bias, _ = diffs
         needs = ctx.needs_input_grad
         grad_x = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if needs[0] or any(needs[5:8]):
+        if z_weight is None and (needs[0] or any(needs[5:8])):
             z_weight = redrawn_gate(ctx.draw_weight, alpha_weight, ctx.stretch, w_weight.dtype)
         if needs[0]:
             grad_x = grad_out @ adapted_weight(weight, z_weight, w_weight, group_weight)
@@ -162,7 +163,7 @@ class _GatedDiffLinear(torch.autograd.Function):
                 grad_weight, w_weight, group_weight, z_weight, ctx.stretch, needs[5:8], diffs[1], scales[0]
             )
         if w_bias is not None and any(needs[9:12]):
-            z_bias = redrawn_gate(ctx.draw_bias, alpha_bias, ctx.stretch, w_bias.dtype)
+            z_bias = redrawn_gate(ctx.draw_bias, alpha_bias, ctx.stretch, w_bias.dtype) if z_bias is None else z_bias
             bias_grads = gate_backward(
                 grad_2d.sum(0), w_bias, group_bias, z_bias, ctx.stretch, needs[9:12], diffs[5], scales[1]
             )

@@ -4,12 +4,15 @@ Notation follows Guo, Rush and Kim (2021) and Louizos, Welling and Kingma (2018)
 `alpha`, a stretch interval `(l, r)` with `l < 0 < 1 < r`, and a gate `z` in [0, 1] with an atom at exactly 0 (the
 entry is pruned) and at exactly 1.
 
-The training-time gate is an autograd function that keeps no gate for the backward pass, only the random
-generator's state it was drawn from (a few kilobytes) and which code drew it (fused or eager): backward draws the
-same gate `z` again from it (see [`redrawn_gate`]), and the derivative of the stretched sigmoid is recovered from
-`z` itself where `0 < z < 1` (zero elsewhere), so no uniform noise, gates, logits or sigmoid outputs are held
-between forward and backward. The redraw costs one more pass of the random generator per step (about 0.26 s a
-step on BERT-base, 2 threads) and saves 4 bytes per fp32 entry from forward to backward.
+The training-time gate is an autograd function that keeps only the sampled gate `z` for the backward pass: the
+derivative of the stretched sigmoid can be recovered from `z` itself where `0 < z < 1` and is zero elsewhere, so no
+uniform noise, logits or sigmoid outputs are held between forward and backward. With [`set_redraw_gates`]`(True)`
+(or `PEFT_DIFFPRUNE_REDRAW_GATES=1`) it keeps no gate either, only the random generator's state the gate was drawn
+from and which code drew it (fused or eager), and backward draws the same gate again (see [`redrawn_gate`]): 4 bytes
+per fp32 entry less from forward to backward, for one more pass of the random generator and of the gate per step.
+Measured on a quiet machine (docs/benchmarks.md) that pass costs more than the bytes are worth on CPU (BERT-base
+8 x 128: 1.55x full fine-tuning's step time against 1.32x, for 1.58x its peak memory against 1.63x), so gates are
+kept by default.
 
 Half-precision diffs and logits (bf16 or fp16, PEFT's `autocast_adapter_dtype=False`) are computed in fp32: the
 gate is sampled and the expected L0 summed in fp32, gradients are formed in fp32 and rounded once to the
@@ -19,6 +22,7 @@ parameters' dtype. The gate is rounded to the diff's dtype before it is used, in
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -146,27 +150,58 @@ def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
         torch.get_device_module(device.type).set_rng_state(state, device)
 
 
+#: Environment variable read by [`redraw_gates`] when [`set_redraw_gates`] has not been called: "1" or "0".
+REDRAW_ENV_VAR = "PEFT_DIFFPRUNE_REDRAW_GATES"
+_redraw: bool | None = None
+
+
+def set_redraw_gates(redraw: bool | None) -> None:
+    """Whether backward draws the training gates again instead of keeping them from forward (see the module
+    docstring); None reads `PEFT_DIFFPRUNE_REDRAW_GATES` again."""
+    global _redraw
+    _redraw = redraw
+
+
+def redraw_gates() -> bool:
+    """Whether the gated stage draws its gates again in backward (default False: the gates are kept)."""
+    global _redraw
+    if _redraw is None:
+        value = os.environ.get(REDRAW_ENV_VAR, "0")
+        if value not in ("0", "1"):
+            raise ValueError(f"{REDRAW_ENV_VAR} must be '0' (keep the gates) or '1' (draw them again), got {value!r}.")
+        _redraw = value == "1"
+    return _redraw
+
+
 def gate_forward(w, alpha, group, stretch, base=None, open_sum: bool = False):
-    """`(draw, out, elements)`: `out = z * w * group` for a fresh gate sample `z` of `alpha` (plus `base`, in its
+    """`(z, draw, out, elements)`: `out = z * w * group` for a fresh gate sample `z` of `alpha` (plus `base`, in its
     dtype, if given) and, if `open_sum`, `elements = sum_i sigmoid(alpha_i - log(-l / r))` in fp32 (else None),
-    without autograd. The gate itself is not kept: `draw` (the generator's state before the draw and whether the
-    fused code drew it) is what [`redrawn_gate`] draws it again from. One fused pass where [`fused.enabled`]; the
-    same values as [`sampled_delta`] and [`penalty_forward`] for the same noise."""
+    without autograd. Where [`redraw_gates`], `z` is None and `draw` (the generator's state before the draw and
+    whether the fused code drew it) is what [`redrawn_gate`] draws the gate again from; otherwise `draw` is None.
+    One fused pass where [`fused.enabled`]; the same values as [`sampled_delta`] and [`penalty_forward`] for the
+    same noise."""
     shift = l0_shift(stretch)
+    redraw = redraw_gates()
     with torch.no_grad():
-        state = _generator_state(alpha.device)
+        state = _generator_state(alpha.device) if redraw else None
         noise = _uniform_noise(alpha)
         if fused.enabled(alpha) and alpha.is_contiguous() and w.is_contiguous():
             args = (_flat(noise), _flat(alpha), _flat(w), group, _flat(base), NOISE_EPS, *stretch)
-            result = fused.run("sampled", *args, shift if open_sum else None)
-            if result is not None:
-                out, elements = result
-                return (state, True), out.view_as(w), elements
+            if redraw:
+                result = fused.run("sampled", *args, shift if open_sum else None)
+                if result is not None:
+                    out, elements = result
+                    return None, (state, True), out.view_as(w), elements
+            else:
+                result = fused.run("sample", *args, shift if open_sum else None)
+                if result is not None:
+                    z, out, elements = result
+                    return z.view_as(w), None, out.view_as(w), elements
         z, out = sampled_delta(w, alpha, group, stretch, noise)
-        del z
         if base is not None:
             out = out.to(base.dtype).add_(base)
-        return (state, False), out, _open_sum(alpha, shift) if open_sum else None
+        elements = _open_sum(alpha, shift) if open_sum else None
+        return (None, (state, False), out, elements) if redraw else (z, None, out, elements)
 
 
 def redrawn_gate(draw, alpha: torch.Tensor, stretch, dtype: torch.dtype) -> torch.Tensor:
@@ -355,7 +390,8 @@ def tensor_penalty(
 class _HardConcreteDelta(torch.autograd.Function):
     """`delta = z * w * group` with `z ~ HardConcrete(alpha)`, only at `rows` if given, and the tensor's penalty.
 
-    Saves the inputs and what the gate was drawn from, and draws `z` again in backward. The penalty (over all of `alpha`, see [`tensor_penalty`]) is a
+    Saves `z` and the inputs for backward (or, where [`redraw_gates`], what `z` was drawn from, and draws it again
+    in backward). The penalty (over all of `alpha`, see [`tensor_penalty`]) is a
     second output of the same node, so its gradient is computed in the same backward call as the task gradient:
     under FSDP that is while the module's parameters are gathered. With `weights=None` it is a constant 0.
     """
@@ -364,7 +400,7 @@ class _HardConcreteDelta(torch.autograd.Function):
     def forward(ctx, w, alpha, group, stretch, rows, group_alpha, weights):
         used_w, used_alpha = (w, alpha) if rows is None else (w[rows], alpha[rows])
         # the elements' expected L0 is summed over all of `alpha` in the sampling pass when it covers all rows
-        ctx.draw, delta, elements = gate_forward(
+        z, ctx.draw, delta, elements = gate_forward(
             used_w, used_alpha, group, stretch, open_sum=weights is not None and rows is None
         )
         if weights is None:
@@ -374,15 +410,16 @@ class _HardConcreteDelta(torch.autograd.Function):
         else:
             penalty, ctx.elements, ctx.group = penalty_forward(alpha, group_alpha, stretch, weights, elements)
         ctx.stretch, ctx.weights = stretch, weights
-        ctx.save_for_backward(w, group, rows, alpha, group_alpha)  # w, not a copy of its rows
+        ctx.save_for_backward(w, group, z, rows, alpha, group_alpha)  # w, not a copy of its rows
         return delta, penalty
 
     @staticmethod
     def backward(ctx, grad_delta, grad_penalty):
-        w, group, rows, alpha, group_alpha = ctx.saved_tensors
+        w, group, z, rows, alpha, group_alpha = ctx.saved_tensors
         if rows is not None:
             w = w[rows]
-        z = redrawn_gate(ctx.draw, alpha if rows is None else alpha[rows], ctx.stretch, w.dtype)
+        if z is None:
+            z = redrawn_gate(ctx.draw, alpha if rows is None else alpha[rows], ctx.stretch, w.dtype)
         needs = ctx.needs_input_grad
         weights = ctx.weights
         scale = None if weights is None or not needs[1] else penalty_scale(grad_penalty, weights, ctx.group)
