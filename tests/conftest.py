@@ -47,9 +47,6 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" 
 # 2-core machine); tests on a real model raise the count again.
 torch.set_num_threads(1)
 
-# The gated stage's fused gate kernels run uncompiled: the same math without seconds of compiling in every test
-# process (worker processes inherit it); tests/test_fused.py compiles them once and checks them against both.
-os.environ.setdefault("PEFT_DIFFPRUNE_FUSED_GATES", "eager")
 
 
 def _bert() -> nn.Module:
