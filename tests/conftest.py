@@ -48,7 +48,6 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO_ROOT.parent / "shared" / "data" 
 torch.set_num_threads(1)
 
 
-
 def _bert() -> nn.Module:
     config = BertConfig(
         vocab_size=VOCAB_SIZE,
