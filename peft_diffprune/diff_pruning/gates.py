@@ -187,16 +187,11 @@ def gate_forward(w, alpha, group, stretch, base=None, open_sum: bool = False):
         noise = _uniform_noise(alpha)
         if fused.enabled(alpha) and alpha.is_contiguous() and w.is_contiguous():
             args = (_flat(noise), _flat(alpha), _flat(w), group, _flat(base), NOISE_EPS, *stretch)
-            if redraw:
-                result = fused.run("sampled", *args, shift if open_sum else None)
-                if result is not None:
-                    out, elements = result
-                    return None, (state, True), out.view_as(w), elements
-            else:
-                result = fused.run("sample", *args, shift if open_sum else None)
-                if result is not None:
-                    z, out, elements = result
-                    return z.view_as(w), None, out.view_as(w), elements
+            # "sampled" never writes the gate, which backward draws again
+            result = fused.run("sampled" if redraw else "sample", *args, shift if open_sum else None)
+            if result is not None:
+                z, out, elements = (None, *result) if redraw else (result[0].view_as(w), *result[1:])
+                return z, (state, True) if redraw else None, out.view_as(w), elements
         z, out = sampled_delta(w, alpha, group, stretch, noise)
         if base is not None:
             out = out.to(base.dtype).add_(base)
