@@ -108,15 +108,24 @@ def test_same_seed_same_gates(redraw, monkeypatch):
     shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None,
     reason="Inductor's CPU backend needs a C++ compiler (the fallback is tested below)",
 )
-def test_compiled_kernels_match_the_eager_gates(fused_mode, caplog):
-    """Inductor's kernels (compiled here: about 10 s, once per machine, then cached) give the eager code's values."""
-    fused_mode("off")
-    eager = _layer_step()
-    fused_mode("compile")
-    with caplog.at_level(logging.WARNING, logger=fused.__name__):
-        compiled = _layer_step()
+@pytest.mark.parametrize(
+    ("redraw", "kernels"), [(False, {"sample", "adapted", "grads"}), (True, {"sampled", "gate", "adapted", "grads"})]
+)
+def test_compiled_kernels_match_the_eager_gates(fused_mode, caplog, monkeypatch, redraw, kernels):
+    """Inductor's kernels (compiled here: about 10 s, once per machine, then cached) give the eager code's values,
+    with the gates kept for backward (the default) and drawn again there."""
+    monkeypatch.setattr(fused, "_compiled", {})
+    gates.set_redraw_gates(redraw)
+    try:
+        fused_mode("off")
+        eager = _layer_step()
+        fused_mode("compile")
+        with caplog.at_level(logging.WARNING, logger=fused.__name__):
+            compiled = _layer_step()
+    finally:
+        gates.set_redraw_gates(None)
     assert not [r for r in caplog.records if r.name == fused.__name__], "compiling the fused gate kernels failed"
-    assert set(fused._compiled) == {"sample", "adapted", "grads"}
+    assert set(fused._compiled) == kernels
     _assert_same(compiled, eager, torch.float32)
 
 
