@@ -249,19 +249,30 @@ def test_the_l0_term_counts_once_per_step_under_gradient_accumulation(tmp_path):
 
 
 DDP_SCRIPT = """
-import gc, os, sys, torch
+import gc, os, sys, torch, weakref
 sys.path.insert(0, {tests!r})
 import test_trainer
+from transformers import TrainerCallback
+wrappers = []
+class KeepWrapper(TrainerCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        wrapped = trainer.model_wrapped
+        wrappers.append((weakref.ref(wrapped), type(wrapped).__name__))
 trainer = test_trainer._trainer(sys.argv[1])
+trainer.add_callback(KeepWrapper())
 trainer.train()
+gc.collect()
+# the last stage ran wrapped in DDP, and nothing holds that wrapper once train() has returned
+released = wrappers[-1][1] == "DistributedDataParallel" and wrappers[-1][0]() is None
 trainer.save_model()
+metrics = trainer.evaluate(trainer.train_dataset)
 rank = torch.distributed.get_rank()
 # one file per rank: the two ranks' stdout share torchrun's pipe, and their lines can interleave
 os.makedirs(sys.argv[1], exist_ok=True)
 with open(os.path.join(sys.argv[1], f"rank{{rank}}.txt"), "w") as f:
-    f.write(f"WORLD {{trainer.args.world_size}} STAGE {{trainer.stage}}")
-# Trainer leaves the process group up, held by the DDP wrapper. Left to the interpreter's teardown, gloo's threads
-# sometimes abort there ("terminate called without an active exception", CI once). So: every rank done, the wrapper
+    f.write(f"WORLD {{trainer.args.world_size}} STAGE {{trainer.stage}} RELEASED {{released}} EVAL {{'eval_loss' in metrics}}")
+# Left to the interpreter's teardown, gloo's threads sometimes abort there ("terminate called without an active
+# exception", CI once, while Trainer still held the group in its DDP wrapper). So: every rank done, the trainer
 # dropped, the group destroyed while the interpreter is whole, and no teardown after it.
 torch.distributed.barrier()
 del trainer
@@ -289,7 +300,8 @@ def test_two_processes_train_both_stages_under_ddp(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, f"stdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-3000:]}"
     for rank in (0, 1):
-        assert (tmp_path / "out" / f"rank{rank}.txt").read_text() == "WORLD 2 STAGE fixmask"
+        # the DDP wrapper is gone after train() (it held the process group), and evaluating still works
+        assert (tmp_path / "out" / f"rank{rank}.txt").read_text() == "WORLD 2 STAGE fixmask RELEASED True EVAL True"
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert sum(saved["kept_pattern"].values()) == round(
         TARGET_SPARSITY * base_parameter_count(_trainer(tmp_path / "x").model.base_model)

@@ -231,7 +231,20 @@ class DiffPruningTrainerMixin:
         finally:
             for name, value in saved.items():
                 setattr(self.args, name, value)
+        self._release_wrapper()
         return output
+
+    def _release_wrapper(self) -> None:
+        """Drop the last stage's DDP wrapper, which Trainer and Accelerate otherwise keep to the end of the process.
+
+        It holds the process group: `destroy_process_group()` in the user's script then does not free gloo, whose
+        threads can abort in the interpreter's teardown after a finished run (exit code 134). Evaluating, saving and
+        training again after this work as before: Trainer wraps the model again where it needs to.
+        """
+        if self.model_wrapped is self.model:
+            return
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
 
     def project(self) -> None:
         """Project the gated diff to `target_sparsity` and set up the fixed-mask stage (a new optimizer)."""
