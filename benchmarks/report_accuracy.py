@@ -5,7 +5,7 @@
 Scores are the task's main metric x 100 (MRPC F1, STS-B Spearman, RTE accuracy, CoLA MCC, SST-2 accuracy), as
 mean ± half the range over the seeds run (`--spread std`: ± the sample standard deviation); "—" marks a run not
 made. `--sweep` prints the learning-rate sweeps (glue_accuracy.py's SWEEP) of the budget instead, with the rate each
-task picked. A row's average is over all five tasks, so it
+task picked; `--picked` gives each swept method one row, its records at the rate it picked on each task. A row's average is over all five tasks, so it
 is only given for complete rows; the "common" average is over the tasks every row of the table has.
 """
 
@@ -170,7 +170,9 @@ def plot(runs: dict[tuple[str, str], list[dict]], path: Path, title: str) -> Non
 def sweep_table(path: Path, budget: str) -> str:
     """Per task and swept method: the score at each rate on the sweep's seed, and the rate picked (the best)."""
     runs = load(path, budget)
-    rows = ["| task | method | " + " | ".join(f"rate {i + 1}" for i in range(3)) + " | picked |", "|---" * 6 + "|"]
+    width = max(len(rates) for rates in SWEEP.values())
+    header = "| task | method | " + " | ".join(f"rate {i + 1}" for i in range(width)) + " | picked |"
+    rows = [header, "|---" * (width + 3) + "|"]
     for task in TASKS:
         for method, rates in SWEEP.items():
             scores = {
@@ -182,9 +184,24 @@ def sweep_table(path: Path, budget: str) -> str:
             if not scores:
                 continue
             cells = [f"{rate}: {scores[rate]:.1f}" if rate in scores else f"{rate}: —" for rate in rates]
+            cells += [""] * (width - len(rates))
             picked = picked_rate(path, budget, task, method) or "— (incomplete)"
             rows.append(f"| {TASK_NAMES[task]} | {METHOD_NAMES[method]} | " + " | ".join(cells) + f" | {picked} |")
     return "\n".join(rows)
+
+
+def at_picked_rates(path: Path, budget: str, runs: dict[tuple[str, str], list[dict]]) -> dict:
+    """`runs` with each swept method's records replaced by those at the rate it picked on each task (under the
+    method's own name), the other methods' records as they are; a task whose sweep is incomplete is left out."""
+    picked = {}
+    for (method, task), records in runs.items():
+        base, _, rate = method.rpartition("_lr")
+        if base in SWEEP:
+            if rate == picked_rate(path, budget, task, base):
+                picked[base, task] = records
+        elif method not in SWEEP:
+            picked[method, task] = records
+    return picked
 
 
 def main() -> None:
@@ -196,12 +213,19 @@ def main() -> None:
     )
     parser.add_argument("--spread", choices=["half_range", "std"], default="half_range")
     parser.add_argument("--sweep", action="store_true", help="Print the learning-rate sweeps of the budget.")
+    parser.add_argument(
+        "--picked",
+        action="store_true",
+        help="Rows of the swept methods at the rate each picked per task (all seeds there), not the plain methods.",
+    )
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs" / "images" / "glue_accuracy_vs_bytes.png")
     args = parser.parse_args()
     if args.sweep:
         print(sweep_table(args.results, args.budget))
         return
     runs = load(args.results, args.budget)
+    if args.picked:
+        runs = at_picked_rates(args.results, args.budget, runs)
     if args.methods is not None:
         runs = {(method, task): records for (method, task), records in runs.items() if method in args.methods}
     print(table(runs, list(BUDGETS[args.budget]), args.spread))
