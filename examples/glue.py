@@ -148,6 +148,12 @@ def parse_args():
         help="Which closed-gate entries projection keeps when stage 1 leaves fewer open than the budget: the "
         "largest sigmoid(alpha) * |w| ('gate') or the lowest flat positions ('position'); see project_to_sparsity.",
     )
+    parser.add_argument(
+        "--penalty_until_target",
+        action="store_true",
+        help="Add the L0 penalty only while the expected density is above --target_sparsity, so that stage 1 ends "
+        "near the budget (DiffPruningConfig.penalty_until_target).",
+    )
     parser.add_argument("--num_train_epochs", type=int, default=3, help="Epochs of stage 1 (or of full / lora).")
     parser.add_argument("--fixmask_epochs", type=int, default=1, help="Epochs of stage 2 (the fixed mask).")
     parser.add_argument("--fixmask_learning_rate", type=float, default=5e-4, help="Peak lr of stage 2.")
@@ -405,6 +411,7 @@ def main():
                 target_modules=DIFF_PLACEMENTS[args.diff_placement],
                 candidate_pool=args.candidate_pool,
                 pool_regrow_steps=args.pool_regrow_steps,
+                penalty_until_target=args.penalty_until_target,
             )
             model = get_peft_model(load_base_model(), config).to(accelerator.device)
             # the same first batches on a resumed run: the same pool, whose positions the checkpoint then restores

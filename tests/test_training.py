@@ -304,3 +304,50 @@ class TestGatedLinear:
         model.train()
         model(**MODEL_CASES["bert"].batch()).loss.backward()
         assert query.get_base_layer().weight.grad is not None and query.get_base_layer().weight.grad.abs().sum() > 0
+
+
+class TestPenaltyUntilTarget:
+    """`penalty_until_target`: the penalty stops where the expected density reaches `target_sparsity`."""
+
+    def test_the_gates_stop_closing_near_the_target(self):
+        # at 1.25e-5 the constant penalty takes the tiny model's density to about 6% (above) and keeps it falling;
+        # stopped at 20%, the density falls on for about 10 steps (AdamW's momentum: this tiny model loses half its
+        # open gates in 10 steps there) and then stays at 11%
+        constant = _train(_gated_bert(l0_lambda=1.25e-5, target_sparsity=0.2), steps=150)
+        until = _train(_gated_bert(l0_lambda=1.25e-5, target_sparsity=0.2, penalty_until_target=True), steps=150)
+        assert constant[-1] < 0.07 and constant[-1] < constant[100] - 0.005
+        assert 0.1 < until[-1] < 0.2 and until[-1] == pytest.approx(until[100], abs=0.003)
+        # identical until the density first reaches the target
+        first = next(step for step, density in enumerate(constant) if density <= 0.2)
+        assert until[: first - 1] == pytest.approx(constant[: first - 1], rel=1e-5)
+
+    @pytest.mark.parametrize("target", [0.005, 1.0])
+    def test_the_loss_carries_the_penalty_only_above_the_target(self, target):
+        batch = MODEL_CASES["bert"].batch()
+        losses = {}
+        for until in (False, True):
+            model = _gated_bert(l0_lambda=1e-3, target_sparsity=target, penalty_until_target=until)
+            model.train()
+            torch.manual_seed(0)
+            loss = model(**batch).loss
+            loss.backward()
+            alpha_grad = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.endswith("_alpha")])
+            tuner = model.base_model
+            losses[until] = (loss.item(), tuner.last_l0_penalty().item(), tuner.l0_penalty().item(), alpha_grad)
+        (plain, plain_penalty, _, plain_grad), (loss, penalty, reported, grad) = losses[False], losses[True]
+        assert plain_penalty > 0  # the gates start open: density about 0.99
+        if target == 1.0:  # at or below the target from the start: no penalty, in the loss, its log or its gradient
+            assert penalty == reported == 0.0
+            assert loss == pytest.approx(plain - plain_penalty, rel=1e-6)
+            assert not torch.allclose(grad, plain_grad)
+        else:
+            assert (loss, penalty, reported) == pytest.approx((plain, plain_penalty, plain_penalty), rel=1e-6)
+            torch.testing.assert_close(grad, plain_grad)
+
+    def test_bad_settings_are_refused(self):
+        with pytest.raises(ValueError, match="True or False"):
+            DiffPruningConfig(penalty_until_target="yes")
+        with pytest.raises(ValueError, match="l0_lambda > 0"):
+            DiffPruningConfig(penalty_until_target=True, l0_lambda=0.0)
+        with pytest.raises(ValueError, match="group_penalty='product'"):
+            DiffPruningConfig(penalty_until_target=True, structured=True, group_penalty="sum")

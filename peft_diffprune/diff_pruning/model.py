@@ -348,7 +348,18 @@ class DiffPruningModel(BaseTuner):
         weights = self._l0_weights(adapter_name)
         if weights is None:
             return torch.zeros((), dtype=torch.float32)
-        return self._weighted_l0(adapter_name, weights)
+        return self._until_target(adapter_name, self._weighted_l0(adapter_name, weights))
+
+    def _until_target(self, adapter_name: str, term: torch.Tensor) -> torch.Tensor:
+        """`term` (`l0_lambda * E[L0]`), or 0 times it (no gradient) where `penalty_until_target` is set and the
+        expected density `E[L0] / N` it implies is at or below `target_sparsity`."""
+        config = self.peft_config[adapter_name]
+        if not config.penalty_until_target:
+            return term
+        from .sparse import base_parameter_count
+
+        density = term.detach() / (config.l0_lambda * base_parameter_count(self))
+        return term * (density > config.target_sparsity).to(term.dtype)
 
     def last_l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The value of [`l0_penalty`] that the last training forward added to the loss for an adapter (detached),
@@ -436,9 +447,10 @@ class DiffPruningModel(BaseTuner):
                 # in fp32: E[L0] counts millions of gates, beyond fp16's range
                 if recorded is None:
                     # grad disabled in training mode: no layer recorded a term, the loss still gets the value
-                    term = self._weighted_l0(adapter_name, weights)
+                    term = self._until_target(adapter_name, self._weighted_l0(adapter_name, weights))
                 else:
                     term = self._weighted_l0(adapter_name, weights, recorded.states.get(adapter_name), recorded)
+                    term = self._until_target(adapter_name, term)
                 self._last_l0_penalty[adapter_name] = term.detach()
                 penalty = penalty + term.to(loss.device)
         loss = (loss.float() + penalty).to(loss.dtype)
