@@ -74,13 +74,21 @@ checks_failed() { echo "error: the checks before the runs failed (above)."; exit
 import os
 import shutil
 import sys
+from importlib import metadata
 from pathlib import Path
 
-import accelerate
-import datasets
-import peft
-import torch
-import transformers
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+names = ("torch", "transformers", "accelerate", "peft", "datasets", "huggingface_hub", "pyarrow", "fsspec", "numpy")
+print("versions:", ", ".join(f"{name} {version(name)}" for name in names), flush=True)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, "benchmarks")
 import peft_diffprune  # noqa: F401
@@ -89,10 +97,10 @@ from peft_diffprune.recipe.glue import load_glue
 from safetensors.torch import load_file, save_file
 
 source, target, budget = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-versions = {module.__name__: module.__version__ for module in (torch, transformers, accelerate, peft, datasets)}
-print("versions:", ", ".join(f"{name} {version}" for name, version in versions.items()))
 if budget != "smoke" and not torch.cuda.is_available():
     sys.exit("error: nvidia-smi lists a GPU but torch sees none (torch.cuda.is_available() is False).")
+if torch.cuda.is_available():
+    print(f"torch sees {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}")
 target.mkdir(parents=True, exist_ok=True)
 for path in source.iterdir():
     if path.name != "model.safetensors":
