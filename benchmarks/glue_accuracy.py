@@ -64,6 +64,28 @@ BUDGETS = {
         "sst2": {"max_train_samples": 2000, "num_train_epochs": 2, "max_length": 64},
         "stsb": {"max_train_samples": 1000, "num_train_epochs": 2},
     },
+    # The table on one GPU (benchmarks/gpu_accuracy.sh, docs/benchmarks.md "The table on one GPU"): the whole table,
+    # the sweep and seeds 2-3 at the picked rates (110 runs), sized to finish in under 8 minutes on one H200 with 12
+    # runs side by side in bf16, assuming 4 us of GPU time per kernel a step launches (full fine-tuning launches
+    # about 920 a step, the gated stage 7,400, structured 12,600: the runs' GPU times add up, one run's kernels at
+    # a time) and 25 s per run of start-up and evaluation. Batch 32: a step costs the GPU hardly more than at 16.
+    "gpu": {
+        "mrpc": {"max_train_samples": 2400, "num_train_epochs": 3, "per_device_train_batch_size": 32},
+        "stsb": {"max_train_samples": 1200, "num_train_epochs": 2, "per_device_train_batch_size": 32},
+        "rte": {"max_train_samples": 1600, "num_train_epochs": 3, "per_device_train_batch_size": 32},
+        "cola": {
+            "max_train_samples": 2400,
+            "num_train_epochs": 2,
+            "max_length": 64,
+            "per_device_train_batch_size": 32,
+        },
+        "sst2": {
+            "max_train_samples": 2400,
+            "num_train_epochs": 2,
+            "max_length": 64,
+            "per_device_train_batch_size": 32,
+        },
+    },
     # checks the runner end to end in seconds; its numbers mean nothing
     "smoke": dict.fromkeys(
         ["mrpc", "stsb", "rte", "cola", "sst2"],
@@ -168,7 +190,16 @@ def parse_args() -> argparse.Namespace:
         help="Passed to examples/glue.py (bf16 on a GPU); recorded in each record's settings. Default: the example's.",
     )
     parser.add_argument(
-        "--stop_at", default=None, help="UTC time HH:MM after which no new run starts (a running one finishes)."
+        "--stop_at",
+        default=None,
+        help="UTC time (HH:MM today, or a date and time such as 2026-12-01T23:05:30) after which no new run starts "
+        "(a running one finishes).",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Model folder passed to examples/glue.py as --model_name_or_path. Default: the example's (the "
+        "packaged MiniLM).",
     )
     parser.add_argument("--keep_outputs", action="store_true", help="Keep each run's folder (models, plots).")
     parser.add_argument(
@@ -190,6 +221,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--sweep and --at_picked_lr need --methods among {list(SWEEP)}.")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    try:
+        past(args.stop_at)
+    except ValueError:
+        parser.error(f"--stop_at takes HH:MM or a date and time (2026-12-01T23:05:30), got {args.stop_at!r}.")
     return args
 
 
@@ -214,9 +249,14 @@ def finished_runs(path: Path) -> set[tuple[str, str, str, int]]:
 
 
 def past(stop_at: str | None) -> bool:
+    """Whether it is past `stop_at`: HH:MM (UTC, compared with the time of day), or a date and time (UTC unless it
+    names its offset), which a run across midnight needs."""
     if stop_at is None:
         return False
     now = datetime.now(timezone.utc)
+    if "T" in stop_at:
+        when = datetime.fromisoformat(stop_at)
+        return now >= (when if when.tzinfo else when.replace(tzinfo=timezone.utc))
     hour, minute = map(int, stop_at.split(":"))
     return (now.hour, now.minute) >= (hour, minute)
 
@@ -229,6 +269,8 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
     command += ["--output_dir", str(output_dir), "--logging_steps", "50"]
     if args.mixed_precision is not None:
         command += ["--mixed_precision", args.mixed_precision]
+    if args.model is not None:
+        command += ["--model_name_or_path", args.model]
     threads = str(args.threads)
     load = LoadSampler(5.0)
     load.start()
@@ -249,7 +291,8 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
     baseline = baseline_score(task)
     return {
         "command": " ".join(["python", str(SCRIPT.relative_to(REPO_ROOT)), *command[2:]]),
-        "commit": git_commit(REPO_ROOT),
+        # a copy of the checkout without its .git (the GPU machine's) names its commit in GLUE_ACCURACY_COMMIT
+        "commit": os.environ.get("GLUE_ACCURACY_COMMIT") or git_commit(REPO_ROOT),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {threads} torch thread(s)",
         "budget": args.budget,
@@ -320,13 +363,8 @@ def make_run(args: argparse.Namespace, task: str, method: str, seed: int, claime
     )
 
 
-def main() -> None:
-    args = parse_args()
-    args.tasks = args.tasks or list(BUDGETS[args.budget])
-    missing = [task for task in args.tasks if task not in BUDGETS[args.budget]]
-    if missing:
-        raise SystemExit(f"Budget {args.budget!r} has no {missing}: it covers {list(BUDGETS[args.budget])}.")
-    done = finished_runs(args.output)
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """The (task, method, seed) runs the invocation asks for, in the order they start, finished ones included."""
     if args.sweep:
         plan = [
             (task, f"{method}_lr{rate}", SWEEP_SEED)
@@ -347,7 +385,17 @@ def main() -> None:
                         plan.append((task, f"{method}_lr{rate}", seed))
     else:
         plan = [(task, method, seed) for seed in args.seeds for method in args.methods for task in args.tasks]
-    queue = [run for run in plan if (args.budget, *run) not in done]
+    return plan
+
+
+def main() -> None:
+    args = parse_args()
+    args.tasks = args.tasks or list(BUDGETS[args.budget])
+    missing = [task for task in args.tasks if task not in BUDGETS[args.budget]]
+    if missing:
+        raise SystemExit(f"Budget {args.budget!r} has no {missing}: it covers {list(BUDGETS[args.budget])}.")
+    done = finished_runs(args.output)
+    queue = [run for run in planned_runs(args) if (args.budget, *run) not in done]
     print(f"{len(queue)} runs to make ({len(done)} already in {args.output})", flush=True)
     if past(args.stop_at):
         print(f"Stopping: it is past {args.stop_at} UTC.", flush=True)
