@@ -118,7 +118,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=train_step.DTYPES, default="fp32")
     parser.add_argument("--optimizer", choices=train_step.OPTIMIZERS, default="fused")
     parser.add_argument(
-        "--full_optimizer", choices=train_step.OPTIMIZERS, default=None, help="full fine-tuning's AdamW (--optimizer's)"
+        "--full_optimizer",
+        choices=train_step.OPTIMIZERS,
+        default=None,
+        help="full fine-tuning's AdamW (--optimizer's)",
     )
     parser.add_argument("--pool", type=float, default=4.0, help="pool size as a multiple of the 0.5%% budget")
     parser.add_argument("--max_workers", type=int, default=len(METHODS), help="workers alive at once (train_step)")
