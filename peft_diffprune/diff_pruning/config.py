@@ -44,11 +44,11 @@ class DiffPruningConfig(PeftConfig):
             Weight of the expected-L0 penalty, added to the task loss in training mode (`loss + l0_lambda * E[L0]`,
             with E[L0] summed over all diff entries). The paper uses 1.25e-7.
         penalty_until_target (`bool`):
-            Add the penalty only while the expected density `E[L0] / N` is above `target_sparsity` (checked on every
-            training forward, from the penalty that forward computed); at or below it the step adds none, so stage 1
-            ends near the budget instead of below it, where projection fills the rest by the tie rule. Needs
-            `l0_lambda > 0` (and `group_penalty="product"` when structured). Off by default (the paper's constant
-            penalty).
+            Add the penalty only while more than `target_sparsity * N` gated entries are open under the
+            deterministic gate (`z > 0`, what projection keeps; counted on every training forward, one comparison
+            per gate logit); at or below it the step adds none, so stage 1 ends near the budget instead of below
+            it, where projection fills the rest by the tie rule. Not on a model sharded with FSDP. Off by default
+            (the paper's constant penalty).
         alpha_init (`float`):
             Initial gate logit for every entry (and every group in the structured variant). 5.0 opens nearly all
             gates at the start.
@@ -129,7 +129,7 @@ class DiffPruningConfig(PeftConfig):
     )
     penalty_until_target: bool = field(
         default=False,
-        metadata={"help": "Add the penalty only while the expected density is above target_sparsity."},
+        metadata={"help": "Add the penalty only while more than target_sparsity of the entries are open."},
     )
     alpha_init: float = field(default=5.0, metadata={"help": "Initial gate logit (and group gate logit)."})
     stretch: tuple[float, float] = field(
@@ -224,12 +224,6 @@ class DiffPruningConfig(PeftConfig):
             raise ValueError(f"l0_lambda must be a finite number >= 0 (the paper uses 1.25e-7), got {self.l0_lambda}.")
         if not isinstance(self.penalty_until_target, bool):
             raise ValueError(f"penalty_until_target must be True or False, got {self.penalty_until_target!r}.")
-        if self.penalty_until_target and (self.l0_lambda == 0 or (self.structured and self.group_penalty == "sum")):
-            raise ValueError(
-                "penalty_until_target reads the expected density from the penalty l0_lambda * E[L0], so it needs "
-                f"l0_lambda > 0 (got {self.l0_lambda}) and, with structured=True, group_penalty='product' (got "
-                f"{self.group_penalty!r})."
-            )
         if self.group_l0_lambda is not None:
             if not self.structured:
                 raise ValueError(

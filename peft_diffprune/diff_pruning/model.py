@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from typing import Any
@@ -351,15 +352,37 @@ class DiffPruningModel(BaseTuner):
         return self._until_target(adapter_name, self._weighted_l0(adapter_name, weights))
 
     def _until_target(self, adapter_name: str, term: torch.Tensor) -> torch.Tensor:
-        """`term` (`l0_lambda * E[L0]`), or 0 times it (no gradient) where `penalty_until_target` is set and the
-        expected density `E[L0] / N` it implies is at or below `target_sparsity`."""
+        """`term`, or 0 times it (no gradient) where `penalty_until_target` is set and at most `target_sparsity * N`
+        entries of the adapter are open under the deterministic gate: what projection would keep."""
         config = self.peft_config[adapter_name]
         if not config.penalty_until_target:
             return term
         from .sparse import base_parameter_count
 
-        density = term.detach() / (config.l0_lambda * base_parameter_count(self))
-        return term * (density > config.target_sparsity).to(term.dtype)
+        budget = config.target_sparsity * base_parameter_count(self)
+        return term * (self._open_entries(adapter_name) > budget)
+
+    def _open_entries(self, adapter_name: str) -> int:
+        """How many gated entries of an adapter the deterministic gate leaves open (`sigmoid(alpha) > -l / (r - l)`,
+        i.e. `z > 0`; with a group gate, both). One comparison per gate logit, no autograd."""
+        open_entries = 0
+        with torch.no_grad():
+            for state in self._gated_states(adapter_name):
+                if state.is_sharded():
+                    raise NotImplementedError(
+                        f"penalty_until_target counts the open gates of {state.module_name!r} on one rank, but FSDP "
+                        "shards them: train a sharded model with penalty_until_target=False."
+                    )
+                left, right = state.stretch
+                threshold = math.log(-left / right)  # logit(-l / (r - l))
+                for name in state.tensor_names:
+                    if state.is_sparse(name):
+                        continue
+                    group = getattr(state, f"{name}_group_alpha", None)
+                    if group is not None and not bool(group.reshape(-1)[0] > threshold):
+                        continue
+                    open_entries += int((getattr(state, f"{name}_alpha") > threshold).sum())
+        return open_entries
 
     def last_l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The value of [`l0_penalty`] that the last training forward added to the loss for an adapter (detached),
