@@ -151,8 +151,8 @@ def parse_args():
     parser.add_argument(
         "--penalty_until_target",
         action="store_true",
-        help="Add the L0 penalty only while the expected density is above --target_sparsity, so that stage 1 ends "
-        "near the budget (DiffPruningConfig.penalty_until_target).",
+        help="Add the L0 penalty only while more entries are open than --target_sparsity keeps, so that stage 1 "
+        "ends near the budget (DiffPruningConfig.penalty_until_target).",
     )
     parser.add_argument("--num_train_epochs", type=int, default=3, help="Epochs of stage 1 (or of full / lora).")
     parser.add_argument("--fixmask_epochs", type=int, default=1, help="Epochs of stage 2 (the fixed mask).")

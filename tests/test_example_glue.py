@@ -579,3 +579,16 @@ def test_diff_pruning_over_a_candidate_pool(runs, tiny_model, eval_batch):
     head = 32 * 2 + 2
     assert trainable == 2 * round(4 * TARGET_SPARSITY * results["total_parameters"]) + head
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
+def test_penalty_until_target_reaches_the_config(runs):
+    """--penalty_until_target: the gated stage's config carries it (and so does the saved adapter's); with every gate
+    open and a budget of all entries, no step adds a penalty, so the logged L0 term is 0 throughout."""
+    output_dir = runs(
+        "until_target",
+        ["--per_device_train_batch_size", "8", "--penalty_until_target", "--target_sparsity", "1.0"],
+    )
+    saved = json.loads((output_dir / "adapter_config.json").read_text())
+    assert saved["penalty_until_target"] is True
+    terms = re.findall(r"gated step \d+/\d+: .*?l0_term (\S+),", (output_dir / "stdout.txt").read_text())
+    assert terms and all(float(term) == 0.0 for term in terms)
