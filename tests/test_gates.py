@@ -160,15 +160,11 @@ class TestGradients:
         # gates stuck at an atom pass no gradient to alpha; the others do
         assert (ref_alpha_grad == 0).any() and (ref_alpha_grad != 0).any()
 
-    @pytest.mark.parametrize("blocked", [False, True], ids=["one-draw", "noise-blocks"])
     @pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "some-rows"])
-    def test_backward_draws_the_forwards_gate_again(self, rows, blocked, monkeypatch):
+    def test_backward_draws_the_forwards_gate_again(self, rows, monkeypatch):
         # no gate is kept for backward: it is drawn again from the generator state of the forward, bit for bit, even
-        # when other draws happen in between, and backward leaves the random stream where it was; also where the
-        # noise is drawn by blocks on several threads (a tensor above NOISE_BLOCK entries)
+        # when other draws happen in between, and backward leaves the random stream where it was
         monkeypatch.setattr(gates, "_redraw", True)  # gates.set_redraw_gates(True)
-        if blocked:
-            monkeypatch.setattr(gates, "NOISE_BLOCK", 500)
         drawn = []
         noise = gates._uniform_noise  # the gates' one source of noise, fused or eager
         monkeypatch.setattr(gates, "_uniform_noise", lambda a: drawn.append(noise(a)) or drawn[-1].clone())
@@ -199,40 +195,6 @@ class TestGradients:
         delta = hard_concrete_delta(w, alpha, PAPER_STRETCH)
         delta.sum().backward()
         torch.testing.assert_close(w.grad, delta.detach() / w.detach())
-
-
-class TestNoise:
-    """The gates' uniform noise: by blocks of NOISE_BLOCK entries on a CPU, each from a generator seeded from the
-    default one, drawn on several threads."""
-
-    def test_blocked_noise_is_uniform_and_the_same_on_any_number_of_threads(self, monkeypatch):
-        monkeypatch.setattr(gates, "NOISE_BLOCK", 1000)
-        alpha = torch.zeros(105, 100)
-        threads = torch.get_num_threads()
-        draws = []
-        try:
-            for count in (1, 2, 3):
-                torch.set_num_threads(count)
-                torch.manual_seed(4)
-                draws.append(gates._uniform_noise(alpha))
-        finally:
-            torch.set_num_threads(threads)
-        assert all(torch.equal(draws[0], other) for other in draws[1:])
-        noise = draws[0].view(-1)
-        assert noise.shape == (10500,) and noise.dtype == torch.float32
-        assert float(noise.min()) >= 0.0 and float(noise.max()) < 1.0
-        assert abs(float(noise.mean()) - 0.5) < 0.015 and abs(float(noise.var()) - 1 / 12) < 0.005
-        blocks = noise.split(1000)
-        assert not any(torch.equal(blocks[0][:500], block[:500]) for block in blocks[1:])  # a seed per block
-        torch.manual_seed(5)
-        assert not torch.equal(gates._uniform_noise(alpha), draws[0])  # the default generator's seed decides it
-
-    def test_small_tensors_draw_from_the_default_generator_directly(self):
-        alpha = torch.zeros(30, 20)
-        torch.manual_seed(6)
-        noise = gates._uniform_noise(alpha)
-        torch.manual_seed(6)
-        assert torch.equal(noise, torch.rand(30, 20))
 
 
 class TestExpectedL0:

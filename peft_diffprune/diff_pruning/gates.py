@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -67,45 +66,10 @@ def sample_gate_from_noise(alpha: torch.Tensor, noise: torch.Tensor, stretch: tu
     return (s * (right - left) + left).clamp(0.0, 1.0)
 
 
-#: Entries per block of the gates' noise on a CPU. torch's CPU generator draws on one thread, which on a model's
-#: worth of gates is a few percent of a training step; a tensor larger than this is drawn in blocks, each from a
-#: generator of its own seeded from the default one, on torch's intra-op thread count. The blocks' seeds, not the
-#: threads, decide the noise: it is the same on any number of threads.
-NOISE_BLOCK = 1 << 18
-_noise_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_noise_pool() -> None:
-    global _noise_pool
-    _noise_pool = None  # a forked child has the pool's object but none of its threads
-
-
-os.register_at_fork(after_in_child=_forget_noise_pool)
-
-
 def _uniform_noise(alpha: torch.Tensor) -> torch.Tensor:
     """Fresh fp32 uniform noise in [0, 1) of the shape of `alpha`, from torch's default generator: the one source of
-    the training gates' randomness, fused or not (by blocks of `NOISE_BLOCK` on a CPU, see there)."""
-    if alpha.device.type != "cpu" or alpha.numel() <= NOISE_BLOCK:
-        return torch.rand_like(alpha, dtype=torch.float32)
-    noise = torch.empty(alpha.shape, dtype=torch.float32)
-    blocks = noise.view(-1).split(NOISE_BLOCK)
-    seeds = torch.randint(-(2**63), 2**63 - 1, (len(blocks),), dtype=torch.int64).tolist()
-
-    def draw(index: int) -> None:
-        blocks[index].uniform_(generator=torch.Generator().manual_seed(seeds[index] % 2**64))
-
-    threads = min(torch.get_num_threads(), len(blocks))
-    if threads == 1:
-        for index in range(len(blocks)):
-            draw(index)
-        return noise
-    global _noise_pool
-    if _noise_pool is None or _noise_pool._max_workers < threads:
-        _noise_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="diffprune-noise")
-    for _ in _noise_pool.map(draw, range(len(blocks))):
-        pass
-    return noise
+    the training gates' randomness, fused or not."""
+    return torch.rand_like(alpha, dtype=torch.float32)
 
 
 def _sample_gate(alpha: torch.Tensor, stretch: tuple[float, float], noise: torch.Tensor | None = None) -> torch.Tensor:
