@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GLUE accuracy table (issue 13) on one GPU, in one command from the repository root of the GPU machine: the
 # learning-rate sweep of full fine-tuning, LoRA, diff pruning and structured diff pruning on the five tasks of the
-# "gpu" budget, then seeds 2 and 3 at the picked rates (115 runs), 12 side by side, in bf16.
+# "gpu" budget, then seeds 2 and 3 at the picked rates (120 runs), 12 side by side, in bf16.
 #
 #   python benchmarks/prepare_gpu_carry.py     # first, on the machine that calls the device tool
 #   bash benchmarks/gpu_accuracy.sh            # on the GPU machine, with .gpu_carry carried

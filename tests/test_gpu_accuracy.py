@@ -77,11 +77,11 @@ def test_jobs_make_every_planned_run_once_and_append_one_record_each(runner, mon
     assert len(output.read_text().splitlines()) == 20
 
 
-def test_the_gpu_budget_makes_the_whole_table_in_115_runs(runner, monkeypatch, tmp_path):
+def test_the_gpu_budget_makes_the_whole_table_in_120_runs(runner, monkeypatch, tmp_path):
     output = tmp_path / "records.jsonl"
     common = ["--budget", "gpu", "--methods", *TABLE_METHODS, "--output", str(output)]
     sweep = runner.planned_runs(parse(runner, monkeypatch, *common, "--sweep"))
-    assert len(sweep) == len(set(sweep)) == 5 * (3 + 3 + 4 + 5) == 75
+    assert len(sweep) == len(set(sweep)) == 5 * (3 + 4 + 4 + 5) == 80
     seeds_args = parse(runner, monkeypatch, *common, "--at_picked_lr", "--seeds", "1", "2", "3")
     assert runner.planned_runs(seeds_args) == []  # no rate is picked before the sweep
 
@@ -97,7 +97,7 @@ def test_the_gpu_budget_makes_the_whole_table_in_115_runs(runner, monkeypatch, t
     new = [run for run in seeds if ("gpu", *run) not in runner.finished_runs(output)]
     assert len(new) == 40  # seed 1 of each row is its sweep run
     assert {seed for *_, seed in new} == {2, 3}
-    assert len(sweep) + len(new) == 115
+    assert len(sweep) + len(new) == 120
 
 
 def test_the_gpu_budget_trains_on_more_than_the_cpu_budgets_and_evaluates_whole_dev_sets(runner):
