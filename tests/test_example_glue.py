@@ -592,3 +592,17 @@ def test_penalty_until_target_reaches_the_config(runs):
     assert saved["penalty_until_target"] is True
     terms = re.findall(r"gated step \d+/\d+: .*?l0_term (\S+),", (output_dir / "stdout.txt").read_text())
     assert terms and all(float(term) == 0.0 for term in terms)
+
+
+def test_the_main_jobs_flags_on_a_tiny_slice(runs):
+    """`make glue`'s flags (the Makefile's MAIN_JOB_FLAGS), on a slice of SST-2 that takes seconds: the recipe runs
+    with them, prints its table and saves an adapter whose config carries them."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    flags = re.search(r"^MAIN_JOB_FLAGS := (.*)$", makefile, re.MULTILINE).group(1).split()
+    slice_args = ["--max_train_samples", "64", "--max_train_steps", "5", "--max_length", str(MAX_LENGTH)]
+    output_dir = runs("main_job_flags", [*flags, *slice_args, "--per_device_train_batch_size", "8"])
+    results = load_results(output_dir)
+    assert results["task"] == "sst2" and results["kept"] == round(TARGET_SPARSITY * results["total_parameters"])
+    assert list(table_rows((output_dir / "table.txt").read_text())) == ["method", "diff_pruning"]
+    saved = json.loads((output_dir / "adapter_config.json").read_text())
+    assert saved["penalty_until_target"] is ("--penalty_until_target" in flags)
