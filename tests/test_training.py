@@ -317,7 +317,10 @@ class TestPenaltyUntilTarget:
         for until in (False, True):
             model = _gated_bert(l0_lambda=1.25e-5, target_sparsity=0.2, penalty_until_target=until)
             densities = _train(model, steps=150)
-            runs[until] = densities, model.base_model._open_entries("default") / base_parameter_count(model.base_model)
+            runs[until] = (
+                densities,
+                int(model.base_model._open_entries("default")) / base_parameter_count(model.base_model),
+            )
         (constant, constant_open), (until, until_open) = runs[False], runs[True]
         assert constant[-1] < constant[100] - 0.005 and constant_open < 0.06
         assert until[-1] == pytest.approx(until[100], abs=0.003) and 0.07 < until_open < 0.2
@@ -346,6 +349,21 @@ class TestPenaltyUntilTarget:
         else:
             assert (loss, penalty, reported) == pytest.approx((plain, plain_penalty, plain_penalty), rel=1e-6)
             torch.testing.assert_close(grad, plain_grad)
+
+    def test_open_entries_follow_the_deterministic_gate_and_closed_groups(self):
+        model = _gated_bert(structured=True, penalty_until_target=True)
+        tuner = model.base_model
+        alphas = {n: p for n, p in model.named_parameters() if n.endswith("_alpha") and "group" not in n}
+        groups = {n: p for n, p in model.named_parameters() if n.endswith("_group_alpha")}
+        total = sum(p.numel() for p in alphas.values())
+        assert int(tuner._open_entries("default")) == total  # alpha_init 5: every gate open
+        closed_group, group = next(iter(groups.items()))
+        half = list(alphas.values())[-1]  # another tensor than the closed group's (the last, the first is closed)
+        with torch.no_grad():
+            group.fill_(-10.0)  # closes its whole tensor
+            half.view(-1)[::2] = -0.01  # just below the threshold logit(-l / (r - l)) = 0 of the paper's stretch
+        closed = alphas[closed_group.replace("_group_alpha", "_alpha")].numel()
+        assert int(tuner._open_entries("default")) == total - closed - half.view(-1)[::2].numel()
 
     def test_bad_settings_are_refused(self):
         with pytest.raises(ValueError, match="True or False"):

@@ -360,12 +360,13 @@ class DiffPruningModel(BaseTuner):
         from .sparse import base_parameter_count
 
         budget = config.target_sparsity * base_parameter_count(self)
-        return term * (self._open_entries(adapter_name) > budget)
+        return term * (self._open_entries(adapter_name).to(term.device) > budget).to(term.dtype)
 
-    def _open_entries(self, adapter_name: str) -> int:
+    def _open_entries(self, adapter_name: str) -> torch.Tensor:
         """How many gated entries of an adapter the deterministic gate leaves open (`sigmoid(alpha) > -l / (r - l)`,
-        i.e. `z > 0`; with a group gate, both). One comparison per gate logit, no autograd."""
-        open_entries = 0
+        i.e. `z > 0`; with a group gate, both), a 0-d int64 tensor: one comparison per gate logit, no autograd and
+        no host synchronisation."""
+        open_entries = torch.zeros((), dtype=torch.int64)
         with torch.no_grad():
             for state in self._gated_states(adapter_name):
                 if state.is_sharded():
@@ -378,10 +379,11 @@ class DiffPruningModel(BaseTuner):
                 for name in state.tensor_names:
                     if state.is_sparse(name):
                         continue
+                    count = (getattr(state, f"{name}_alpha") > threshold).sum()
                     group = getattr(state, f"{name}_group_alpha", None)
-                    if group is not None and not bool(group.reshape(-1)[0] > threshold):
-                        continue
-                    open_entries += int((getattr(state, f"{name}_alpha") > threshold).sum())
+                    if group is not None:
+                        count = count * (group.reshape(-1)[0] > threshold)
+                    open_entries = open_entries.to(count.device) + count
         return open_entries
 
     def last_l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor | None:
