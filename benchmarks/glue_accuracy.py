@@ -374,15 +374,21 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
             for task in args.tasks
         ]
     elif args.at_picked_lr:
-        plan = []
-        for seed in args.seeds:
-            for method in (m for m in args.methods if m in SWEEP):
-                for task in args.tasks:
-                    rate = picked_rate(args.output, args.budget, task, method)
-                    if rate is None:
-                        print(f"Skipping {task} {method}: its learning-rate sweep is not complete.", flush=True)
-                    else:
-                        plan.append((task, f"{method}_lr{rate}", seed))
+        picked = {}  # (method, task) -> rate, for the sweeps that are complete
+        for method in (m for m in args.methods if m in SWEEP):
+            for task in args.tasks:
+                rate = picked_rate(args.output, args.budget, task, method)
+                if rate is None:
+                    print(f"Skipping {task} {method}: its learning-rate sweep is not complete.", flush=True)
+                else:
+                    picked[method, task] = rate
+        plan = [
+            (task, f"{method}_lr{picked[method, task]}", seed)
+            for seed in args.seeds
+            for method in args.methods
+            for task in args.tasks
+            if (method, task) in picked
+        ]
     else:
         plan = [(task, method, seed) for seed in args.seeds for method in args.methods for task in args.tasks]
     return plan
