@@ -11,6 +11,7 @@ from .diff_pruning import (
     project_to_sparsity,
     regrow_pool,
     select_pool,
+    shard_embedding_rows,
     sparsity_report,
 )
 from .mam import MAMConfig, MAMModel
@@ -58,6 +59,7 @@ __all__ = [
     "project_to_sparsity",
     "regrow_pool",
     "select_pool",
+    "shard_embedding_rows",
     "sparsity_report",
     "stage_scheduler",
 ]

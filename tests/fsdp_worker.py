@@ -32,7 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import MODEL_CASES  # noqa: E402
 
 import peft_diffprune  # noqa: E402, F401  (registers the method)
-from peft_diffprune import DiffPruningConfig, gather_adapter_state_dict, project_to_sparsity  # noqa: E402
+from peft_diffprune import (  # noqa: E402
+    DiffPruningConfig,
+    gather_adapter_state_dict,
+    project_to_sparsity,
+    shard_embedding_rows,
+)
+from peft_diffprune.diff_pruning import gates  # noqa: E402
 from peft_diffprune.diff_pruning.distributed import sharded_top_entries  # noqa: E402
 from peft_diffprune.diff_pruning.layer import DiffState  # noqa: E402
 from peft_diffprune.diff_pruning.sparse import _top_positions  # noqa: E402
@@ -44,6 +50,8 @@ CONFIGS = {
     "bert": {"task_type": "SEQ_CLS", "structured": True, "group_l0_lambda": 5e-3},
     "llama": {"task_type": "CAUSAL_LM", "modules_to_save": ["lm_head"]},
 }
+#: rows sharding supports plain gates only (structured gates raise)
+UNSTRUCTURED = {"structured": False, "group_l0_lambda": None}
 RESULTS: dict[str, float] = {}
 
 
@@ -248,6 +256,105 @@ def check_gate_fill() -> None:
     record("fsdp2/gate_fill", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse))
 
 
+def noise_of_logit(alpha: torch.Tensor) -> torch.Tensor:
+    """Gate noise as a function of each gate's logit alone: the same gates whichever rank samples an entry, so that
+    a row-sharded embedding (each row sampled by the rank that holds it) and the unsharded model draw alike."""
+    return torch.frac(alpha.detach().float().abs() * 977.0).clamp(0.01, 0.99)
+
+
+def train_on_halves(ref, sharded, key: str, batch, local, twin=None, steps: int = 2) -> None:
+    """`steps` AdamW steps of `ref` on `batch` and of `sharded` on each rank's part `local` of it: the ranks' mean
+    loss and FSDP's averaged gradients against the unsharded ones, and against those of `twin`, a sharded model
+    trained on the same parts (`{key}/twin/...`): splitting the batch alone changes the float rounding."""
+    world = dist.get_world_size()
+    models = [m for m in (ref, sharded, twin) if m is not None]
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    for model in models:
+        model.train()
+    for _ in range(steps):
+        losses = []
+        for model in models:
+            loss = model(**(batch if model is ref else local)).loss
+            loss.backward()
+            if model is not ref:
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss = loss / world
+            losses.append(loss)
+        expected = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        scale = max(g.abs().max().item() for g in expected.values())
+        grads = full_grads(sharded, "fsdp2")
+        assert set(grads) == set(expected), (key, sorted(set(grads) ^ set(expected))[:4])
+        record(f"{key}/loss", max_diff(losses[0], losses[1]))
+        record(f"{key}/grads", max(max_diff(expected[n], g) for n, g in grads.items()) / scale)
+        if twin is not None:
+            twin_grads = full_grads(twin, "fsdp2")
+            record(f"{key}/twin/loss", max_diff(losses[1], losses[2]))
+            record(f"{key}/twin/grads", max(max_diff(twin_grads[n], g) for n, g in grads.items()) / scale)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+def shard_rows(model):
+    """FSDP2 units as `shard` makes them, the input embedding sharded by rows and left out of FSDP."""
+    params = shard_embedding_rows(model)
+    embedding = model.get_input_embeddings()
+    assert embedding.get_base_layer().weight in params
+    for module in list(model.modules()):
+        if type(module).__name__ in BLOCKS:
+            fully_shard(module)
+    return fully_shard(model, ignored_params=params)
+
+
+def check_rows(model_name: str) -> None:
+    """FSDP2 with the input embedding sharded by rows, each rank its own half of the batch, against the unsharded
+    model on the whole batch: loss (penalty included), gradients and eval outputs over 2 AdamW steps, the penalty
+    outside forward, the adapter state, projection, and the sparse stage rebuilt with the rows sharded again."""
+    key = f"rows/{model_name}"
+    case = MODEL_CASES[model_name]
+    ref = build(model_name, **UNSTRUCTURED)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("_alpha"):
+                param.copy_(torch.randn(param.shape, generator=generator) + 2.0)
+    batch = case.batch()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = next(iter(batch.values())).shape[0] // world
+    local = {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+
+    sharded = shard_rows(copy.deepcopy(ref))
+    original_noise = gates._uniform_noise
+    gates._uniform_noise = noise_of_logit
+    try:
+        # the twin: FSDP2 with the embedding gathered whole, on the same halves
+        twin = shard(copy.deepcopy(ref), "fsdp2")
+        train_on_halves(ref, sharded, f"{key}/gated", batch, local, twin)
+    finally:
+        gates._uniform_noise = original_noise
+    record(f"{key}/gated/eval", max_diff(eval_logits(ref, local), eval_logits(sharded, local)))
+    penalties = (ref.base_model.l0_penalty().item(), sharded.base_model.l0_penalty().item())
+    record(f"{key}/gated/l0_penalty", abs(penalties[0] - penalties[1]) / penalties[0])
+    fresh = build(model_name, **UNSTRUCTURED, init_weights=True)
+    set_peft_model_state_dict(fresh, adapter_state(sharded))
+    record(f"{key}/gated/round_trip", max_diff(eval_logits(fresh, batch), eval_logits(ref, batch)))
+
+    project_to_sparsity(ref, 0.05)
+    project_to_sparsity(sharded, 0.05)
+    ref_sparse, sparse = adapter_state(ref), adapter_state(sharded)
+    assert set(ref_sparse) == set(sparse), (key, set(ref_sparse) ^ set(sparse))
+    record(f"{key}/projection/state", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse))
+    record(f"{key}/projection/eval", max_diff(eval_logits(ref, local), eval_logits(sharded, local)))
+
+    # fixed-mask stage: rebuilt in the sparse state, its embedding sharded by rows again, its kept values by FSDP
+    rebuilt = get_peft_model(case.model(), copy.deepcopy(ref.peft_config["default"]))
+    set_peft_model_state_dict(rebuilt, sparse)
+    rebuilt = shard_rows(rebuilt)
+    train_on_halves(ref, rebuilt, f"{key}/sparse", batch, local)
+    record(f"{key}/sparse/eval", max_diff(eval_logits(ref, local), eval_logits(rebuilt, local)))
+
+
 def check_ties() -> None:
     """The distributed top-k against `_top_positions` on whole tensors, with many ties at the threshold spread
     over both ranks' shards and one tensor smaller than the world (a rank holds none of it)."""
@@ -287,6 +394,8 @@ def main() -> None:
     check_ties()
     check_gate_fill()
     check_ddp()
+    for model_name in CONFIGS:
+        check_rows(model_name)
     if dist.get_rank() == 0:
         (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
     dist.destroy_process_group()

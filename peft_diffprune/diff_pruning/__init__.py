@@ -3,6 +3,7 @@ from .config import DiffPruningConfig
 from .distributed import gather_adapter_state_dict
 from .gates import deterministic_gate, hard_concrete_delta
 from .model import DiffPruningModel, expected_l0, get_tuner
+from .rows import shard_embedding_rows
 from .sparse import SparsityReport, from_finetuned, project_to_sparsity, sparsity_report
 
 
@@ -19,5 +20,6 @@ __all__ = [
     "project_to_sparsity",
     "regrow_pool",
     "select_pool",
+    "shard_embedding_rows",
     "sparsity_report",
 ]

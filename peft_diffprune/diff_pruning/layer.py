@@ -17,6 +17,7 @@ from .encoding import decode_positions, encode_positions, encoded_size
 from .functional import gated_diff_linear, sparse_diff_linear
 from .gates import L0Weights, deterministic_gate, hard_concrete_delta_and_penalty, sample_group_gate
 from .pool import add_pool, is_pool, pool_apply, pool_linear, pool_rows_delta, pool_sparse_delta
+from .rows import is_row_sharded, row_sharded_forward
 
 
 #: Standard deviation of the random diff drawn with `init_weights=False`.
@@ -578,9 +579,19 @@ class WrappedModule(nn.Module, DiffPruningLayer):
 
 
 class Embedding(WrappedModule):
-    """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled."""
+    """Diff pruning for `nn.Embedding`: in training only the looked-up rows of the gated diff are sampled.
+
+    Sharded by rows ([`rows.shard_embedding_rows`]), every forward goes through [`rows.row_sharded_forward`].
+    """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if is_row_sharded(self) and (self.disable_adapters or not self._active_states()):
+            return row_sharded_forward(self, [], x)
+        return super().forward(x, *args, **kwargs)
 
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if is_row_sharded(self):
+            return row_sharded_forward(self, states, x)
         if not self.training or any(s.is_sparse("weight") for s in states if "weight" in s.tensor_names):
             return super()._adapted_forward(states, x, *args, **kwargs)
         # Sampling gates for the whole vocabulary would cost a pass over the largest tensor of the model for rows
