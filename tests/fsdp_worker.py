@@ -41,7 +41,7 @@ from peft_diffprune import (  # noqa: E402
 from peft_diffprune.diff_pruning import gates  # noqa: E402
 from peft_diffprune.diff_pruning.distributed import sharded_top_entries  # noqa: E402
 from peft_diffprune.diff_pruning.layer import DiffState  # noqa: E402
-from peft_diffprune.diff_pruning.sparse import _top_positions  # noqa: E402
+from peft_diffprune.diff_pruning.sparse import _top_positions, base_parameter_count  # noqa: E402
 
 
 BLOCKS = ("BertLayer", "LlamaDecoderLayer")
@@ -355,6 +355,44 @@ def check_rows(model_name: str) -> None:
     record(f"{key}/sparse/eval", max_diff(eval_logits(ref, local), eval_logits(rebuilt, local)))
 
 
+def check_until_target() -> None:
+    """`penalty_until_target` on FSDP2 (tiny BERT, structured, some group gates closed; and with the embedding sharded
+    by rows): the global count of open gates equals the unsharded one, and the loss of a training step does too,
+    with a budget below the open entries (penalty on) and one between them and the entries a closed group holds
+    (penalty off; counting the closed groups' entries would turn it on). FSDP1 refuses."""
+    batch = MODEL_CASES["bert"].batch()
+    original_noise = gates._uniform_noise
+    for kind, extra in (("fsdp2", {}), ("rows", UNSTRUCTURED)):
+        ref = build("bert", penalty_until_target=True, **extra)
+        tuner = ref.base_model
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                closes = name.endswith("group_alpha" if kind == "fsdp2" else "_alpha")
+                if closes and ("query" in name or "key" in name):
+                    param.fill_(-10.0)  # query and key closed: by their group gates alone on structured BERT
+        total = base_parameter_count(tuner)
+        open_entries = int(tuner._open_entries("default"))
+        for regime, budget in (("on", open_entries // 2), ("off", open_entries + 10)):
+            ref.peft_config["default"].target_sparsity = budget / total
+            sharded = shard_rows(copy.deepcopy(ref)) if kind == "rows" else shard(copy.deepcopy(ref), "fsdp2")
+            record(f"until_target/{kind}/count", abs(int(sharded.base_model._open_entries("default")) - open_entries))
+            losses = []
+            gates._uniform_noise = noise_of_logit  # each row of a row-sharded embedding is drawn by its owner
+            try:
+                for model in (ref, sharded):
+                    model.train()
+                    losses.append(model(**batch).loss)
+            finally:
+                gates._uniform_noise = original_noise
+            record(f"until_target/{kind}/{regime}/loss", max_diff(*losses))
+            penalty = tuner.last_l0_penalty()
+            record(f"until_target/{kind}/{regime}/penalty", float(penalty) if regime == "off" else float(penalty <= 0))
+    sharded = shard(build("bert", penalty_until_target=True), "fsdp1")
+    sharded.train()
+    with pytest.raises(NotImplementedError, match="FSDP1"):
+        sharded(**batch)
+
+
 def check_ties() -> None:
     """The distributed top-k against `_top_positions` on whole tensors, with many ties at the threshold spread
     over both ranks' shards and one tensor smaller than the world (a rank holds none of it)."""
@@ -396,6 +434,7 @@ def main() -> None:
     check_ddp()
     for model_name in CONFIGS:
         check_rows(model_name)
+    check_until_target()
     if dist.get_rank() == 0:
         (out_dir / "results.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True))
     dist.destroy_process_group()

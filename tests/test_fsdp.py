@@ -139,6 +139,17 @@ def test_embedding_sharded_by_rows_matches(two_ranks, model):
     assert two_ranks[f"{key}/sparse/eval"] <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "rows"])
+def test_penalty_until_target_counts_open_gates_over_the_ranks(two_ranks, kind):
+    """The open gates counted over the shards (FSDP2 on structured BERT with closed group gates; the embedding
+    sharded by rows) equal the unsharded count; the penalty is on below the budget and off at it, as unsharded.
+    FSDP1 refuses (its root unit is whole on every rank inside forward)."""
+    assert two_ranks[f"until_target/{kind}/count"] == 0
+    for regime in ("on", "off"):
+        assert two_ranks[f"until_target/{kind}/{regime}/loss"] <= 1e-6
+        assert two_ranks[f"until_target/{kind}/{regime}/penalty"] == 0
+
+
 def _gated(case_name: str, **kwargs):
     case = {**MODEL_CASES, **CAUSAL_LM_CASES}[case_name]
     config = DiffPruningConfig(task_type=case.task_type, init_weights=False, l0_lambda=1e-3, **kwargs)

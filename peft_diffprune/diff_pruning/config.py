@@ -47,7 +47,8 @@ class DiffPruningConfig(PeftConfig):
             Add the penalty only while more than `target_sparsity * N` gated entries are open under the
             deterministic gate (`z > 0`, what projection keeps; counted on every training forward, one comparison
             per gate logit); at or below it the step adds none, so stage 1 ends near the budget instead of below
-            it, where projection fills the rest by the tie rule. Not on a model sharded with FSDP. Off by default
+            it, where projection fills the rest by the tie rule. Under FSDP2 the count is global (one all-reduce); FSDP1
+            refuses it. Off by default
             (the paper's constant penalty).
         alpha_init (`float`):
             Initial gate logit for every entry (and every group in the structured variant). 5.0 opens nearly all

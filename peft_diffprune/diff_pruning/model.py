@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import DiffPruningConfig
-from .distributed import sharded_weighted_l0
+from .distributed import is_fsdp1_parameter, local_part, shard_group, sharded_weighted_l0
 from .fingerprint import fingerprint_matches
 from .gates import L0Weights, tensor_penalty
 from .layer import (
@@ -365,26 +365,40 @@ class DiffPruningModel(BaseTuner):
     def _open_entries(self, adapter_name: str) -> torch.Tensor:
         """How many gated entries of an adapter the deterministic gate leaves open (`sigmoid(alpha) > -l / (r - l)`,
         i.e. `z > 0`; with a group gate, both), a 0-d int64 tensor: one comparison per gate logit, no autograd and
-        no host synchronisation."""
-        open_entries = torch.zeros((), dtype=torch.int64)
+        no host synchronisation. On an FSDP2 model each rank counts its shards and one all-reduce of the per-tensor
+        counts gives the global one, the same on every rank."""
+        states = self._gated_states(adapter_name)
+        sharded = any(state.is_sharded() for state in states)
+        # one rank counts what every rank holds whole (as `local_part` does), here the "no group gate: open" flag
+        first = not sharded or torch.distributed.get_rank() == 0
+        counts, groups, alphas = [], [], []
         with torch.no_grad():
-            for state in self._gated_states(adapter_name):
-                if state.is_sharded():
-                    raise NotImplementedError(
-                        f"penalty_until_target counts the open gates of {state.module_name!r} on one rank, but FSDP "
-                        "shards them: train a sharded model with penalty_until_target=False."
-                    )
+            for state in states:
                 left, right = state.stretch
                 threshold = math.log(-left / right)  # logit(-l / (r - l))
                 for name in state.tensor_names:
                     if state.is_sparse(name):
                         continue
-                    count = (getattr(state, f"{name}_alpha") > threshold).sum()
-                    group = getattr(state, f"{name}_group_alpha", None)
-                    if group is not None:
-                        count = count * (group.reshape(-1)[0] > threshold)
-                    open_entries = open_entries.to(count.device) + count
-        return open_entries
+                    alpha, group = getattr(state, f"{name}_alpha"), getattr(state, f"{name}_group_alpha", None)
+                    if sharded and is_fsdp1_parameter(alpha):
+                        # inside FSDP1's forward the root unit's tensors are whole on every rank: each entry would
+                        # be counted once per rank
+                        raise NotImplementedError(
+                            f"penalty_until_target cannot count the open gates of {state.module_name!r} under FSDP1: "
+                            "shard the model with FSDP2 (fully_shard), or train with penalty_until_target=False."
+                        )
+                    counts.append((local_part(alpha)[0] > threshold).sum() if sharded else (alpha > threshold).sum())
+                    if group is None:
+                        groups.append(torch.tensor(int(first), device=alpha.device))
+                    else:  # its one entry, on the rank that holds it
+                        groups.append(((local_part(group)[0] if sharded else group) > threshold).sum())
+                    alphas.append(alpha)
+        if not counts:
+            return torch.zeros((), dtype=torch.int64)
+        both = torch.stack([torch.stack(counts), torch.stack(groups)])
+        if sharded:
+            torch.distributed.all_reduce(both, group=shard_group(alphas))
+        return (both[0] * both[1]).sum()
 
     def last_l0_penalty(self, adapter_name: str | None = None) -> torch.Tensor | None:
         """The value of [`l0_penalty`] that the last training forward added to the loss for an adapter (detached),
