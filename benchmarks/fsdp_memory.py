@@ -3,15 +3,17 @@
 For each method (full fine-tuning, the gated stage) and each round, one single-process run and one 2-rank FSDP2 run
 (torchrun, gloo, `fully_shard` on each encoder layer, on the embeddings and on the root; each rank takes half of
 every batch, so the two runs train on the same global batches) take turns. Each process builds its model in full,
-shards it, frees what sharding left behind (`gc`, `malloc_trim`), then restarts its peak RSS count
-(`/proc/self/clear_refs`, as train_step.py does), so that the peak covers the training steps only: the warm-up step
-and the timed ones. A ratio is a rank's peak over the single process's peak in the same round (the larger of the two
+shards it, frees what sharding left behind (`gc`, `malloc_trim`), then counts its peak RSS over each phase of each
+training step (forward, backward, optimizer; `/proc/self/clear_refs` at the start of each, as train_step.py does),
+so that the peak covers the training steps only, the warm-up step and the timed ones, and says in which phase it is. A ratio is a rank's peak over the single process's peak in the same round (the larger of the two
 ranks, and the median over rounds).
 
 With `MALLOC_MMAP_THRESHOLD_` set (recorded in the settings), glibc hands every freed block above it back to the
 system, so that the peak RSS comes close to the peak of live bytes.
 
     python benchmarks/fsdp_memory.py --output benchmarks/results/fsdp_memory.json
+    python benchmarks/fsdp_memory.py --model bert-base --batch_size 8 --rows --rounds 1 \
+        --output benchmarks/results/fsdp_memory_bert_base_rows.json
     MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/fsdp_memory.py --rounds 1 --output benchmarks/results/fsdp_memory_mmap.json
 """
 
@@ -31,20 +33,45 @@ from pathlib import Path
 
 import torch
 from _record import write_record
-from train_step import build, make_batches, make_optimizer, reset_peak_rss, status_mib, train_step
+from train_step import build, make_batches, make_optimizer, reset_peak_rss, status_mib
 
 
 METHODS = ("full", "diff_pruning")
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP2 units: every encoder layer, the embeddings (the largest tensors) and the root."""
+def shard(model: torch.nn.Module, rows: bool, units: str) -> None:
+    """FSDP2 units: every encoder layer (`units="layer"`) or each of its attention, intermediate and output blocks
+    (`"sublayer"`: a third of a layer's parameters gathered at a time), the embeddings (the largest tensors) and the
+    root; with `rows`, the word embedding of a diff pruning model is sharded by rows instead
+    (`shard_embedding_rows`) and left out of FSDP."""
     from torch.distributed.fsdp import fully_shard
 
+    from peft_diffprune import shard_embedding_rows
+
+    ignored = shard_embedding_rows(model) if rows else None
     bert = model.bert if hasattr(model, "bert") else model.base_model.model.bert
-    for block in [*bert.encoder.layer, bert.embeddings]:
-        fully_shard(block)
-    fully_shard(model)
+    for layer in bert.encoder.layer:
+        for block in [layer] if units == "layer" else [layer.attention, layer.intermediate, layer.output]:
+            fully_shard(block)
+    fully_shard(bert.embeddings, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+def phased_step(model, optimizer, batch) -> dict[str, float]:
+    """One training step; the peak RSS of each of its phases (forward, backward, optimizer step), each counted from
+    its start (`/proc/self/clear_refs`): their maximum is the step's peak, and they say where it is."""
+    peaks = {}
+    reset_peak_rss()
+    loss = model(**batch).loss
+    peaks["forward"] = status_mib("VmHWM")
+    reset_peak_rss()
+    loss.backward()
+    peaks["backward"] = status_mib("VmHWM")
+    reset_peak_rss()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    peaks["optimizer"] = status_mib("VmHWM")
+    return peaks
 
 
 def worker(args) -> None:
@@ -61,7 +88,7 @@ def worker(args) -> None:
     model, optimizer = build(args.method, args.model, "fp32", "default")
     del optimizer  # it holds the unsharded parameters: made again below, over the shards
     if world > 1:
-        shard(model)
+        shard(model, args.rows and args.method != "full", args.units)
     params = model.parameters() if args.method == "full" else param_groups(model, lr=1e-5, alpha_lr=0.1)
     optimizer = make_optimizer(
         params, "default", **({"lr": 1e-5, "weight_decay": 0.0} if args.method == "full" else {})
@@ -75,14 +102,19 @@ def worker(args) -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what the unsharded model left, as loading shards would
     rss_before = status_mib("VmRSS")
-    reset_peak_rss()
-    times = []
+    times, phases = [], []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        train_step(model, optimizer, batches[step % 2])
+        phases.append(phased_step(model, optimizer, batches[step % 2]))
         times.append(time.perf_counter() - start)
-    peak = status_mib("VmHWM")
-    record = {"rank": rank, "peak_rss_mib": peak, "rss_before_training_mib": rss_before, "step_times_s": times}
+    peak = max(peak for step in phases for peak in step.values())
+    record = {
+        "rank": rank,
+        "peak_rss_mib": peak,
+        "rss_before_training_mib": rss_before,
+        "step_times_s": times,
+        "phase_peaks_mib": phases,
+    }
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     if world > 1:
         dist.destroy_process_group()
@@ -92,6 +124,7 @@ def run(method: str, processes: int, args) -> list[dict]:
     """One run of `method` on `processes` ranks: each rank's record."""
     with tempfile.TemporaryDirectory() as out_dir:
         settings = [f"--{k}={getattr(args, k)}" for k in ("model", "batch_size", "seq_len", "threads", "steps")]
+        settings += [f"--units={args.units}"] + (["--rows"] if args.rows else [])
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29731"]
             + [__file__, "--worker", f"--method={method}", f"--out_dir={out_dir}", f"--warmup={args.warmup}"]
@@ -114,16 +147,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps after the warm-up, all within the peak")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="per process")
+    parser.add_argument(
+        "--rows", action="store_true", help="shard the gated stage's word embedding by rows (shard_embedding_rows)"
+    )
+    parser.add_argument("--units", choices=("layer", "sublayer"), default="layer", help="FSDP2 units (see shard)")
     parser.add_argument("--output", default="benchmarks/results/fsdp_memory.json")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
     settings = {
-        k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "rounds", "steps", "warmup", "threads")
+        k: getattr(args, k)
+        for k in ("model", "batch_size", "seq_len", "rounds", "steps", "warmup", "threads", "rows", "units")
     }
     # glibc keeps freed blocks below its (adaptive) mmap threshold: fixing the threshold shows the live bytes' peak
     settings["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    # gates drawn again in backward instead of kept: under FSDP every rank keeps the gates of whole tensors
+    settings["PEFT_DIFFPRUNE_REDRAW_GATES"] = os.environ.get("PEFT_DIFFPRUNE_REDRAW_GATES")
     runs = {method: {"single": [], "fsdp2": []} for method in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
