@@ -30,11 +30,20 @@ from _record import write_record
 
 
 METHODS = ("full", "lora_all_r8", "diff_pruning", "pool")
+#: The pool with the sampled weight gradient's operands transposed whole, on one thread, as `sampled_addmm` does itself
+#: when given views (the code before `functional._transposed`): for an A/B of the blocked transposes in one run.
+WHOLE_TRANSPOSES = "pool_whole_transposes"
 _build = train_step.build
 
 
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
-    """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget."""
+    """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
+    `WHOLE_TRANSPOSES`)."""
+    if method == WHOLE_TRANSPOSES:
+        from peft_diffprune.diff_pruning import functional
+
+        functional._transposed = lambda matrix: matrix.t().contiguous()
+        method = "pool"
     if method != "pool":
         return _build(method, model_name, dtype, optimizer)
     from peft import get_peft_model
@@ -108,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method as a worker (internal)")
     parser.add_argument("--one_off", action="store_true", help="measure the pool's one-off costs (internal)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, WHOLE_TRANSPOSES])
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)

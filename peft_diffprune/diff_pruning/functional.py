@@ -33,8 +33,30 @@ def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch
     return base.reshape(-1).index_add(0, positions, values.to(base.dtype)).view_as(base)
 
 
+#: Rows per block of [`_transposed`].
+TRANSPOSE_BLOCK = 256
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """`matrix.t().contiguous()` for a 2-d CPU tensor, one block of `TRANSPOSE_BLOCK` rows at a time.
+
+    torch's transposing copy of a whole matrix runs on one thread; by blocks it runs on all of them. On 2 threads
+    the tokens x features activations and gradients of a BERT step transpose 1.2-2x faster so.
+    """
+    if matrix.device.type != "cpu":
+        return matrix.t().contiguous()
+    out = matrix.new_empty(matrix.shape[1], matrix.shape[0])
+    for start in range(0, matrix.shape[0], TRANSPOSE_BLOCK):
+        out[:, start : start + TRANSPOSE_BLOCK].copy_(matrix[start : start + TRANSPOSE_BLOCK].t())
+    return out
+
+
 def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, shape) -> torch.Tensor:
-    """`(grad_out^T @ x)` at the flat `positions` of an `(out, in)` weight, without forming the full product."""
+    """`(grad_out^T @ x)` at the flat `positions` of an `(out, in)` weight, without forming the full product.
+
+    On CPU, `sampled_addmm` takes each sampled entry's dot product over contiguous rows of `grad_out^T` and `x^T`,
+    and makes both (two transposing copies on one thread) unless given them: they are made here, on every thread.
+    """
     out_features, in_features = shape
     rows = torch.div(positions, in_features, rounding_mode="floor")
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=positions.device)
@@ -44,6 +66,8 @@ def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: tor
         pattern = torch.sparse_csr_tensor(
             crow, positions - rows * in_features, torch.zeros_like(positions, dtype=x.dtype), size=shape
         )
+        if grad_out.device.type == "cpu":
+            return torch.sparse.sampled_addmm(pattern, _transposed(grad_out), _transposed(x).t(), beta=0.0).values()
         return torch.sparse.sampled_addmm(pattern, grad_out.t(), x, beta=0.0).values()
 
 
