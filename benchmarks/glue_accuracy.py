@@ -105,8 +105,9 @@ METHODS = {
     "diff_pruning": ["--method", "diff_pruning"],
     # the gated stage over a candidate pool of 4x the budget, regrown every 50 steps (issue 15)
     "diff_pruning_pool": ["--method", "diff_pruning", "--candidate_pool", "4", "--pool_regrow_steps", "50"],
-    # a pool twice as large: a larger share of what fine-tuning moves most starts inside it (concepts.md)
+    # larger pools: a larger share of what fine-tuning moves most starts inside them (concepts.md)
     "diff_pruning_pool8": ["--method", "diff_pruning", "--candidate_pool", "8", "--pool_regrow_steps", "50"],
+    "diff_pruning_pool16": ["--method", "diff_pruning", "--candidate_pool", "16", "--pool_regrow_steps", "50"],
     "structured": ["--method", "diff_pruning", "--structured"],
     "lora": ["--method", "lora", "--lora_r", "12"],
     "non_adaptive": ["--method", "non_adaptive", "--learning_rate", "1e-4"],
