@@ -331,6 +331,15 @@ def check_rows(model_name: str) -> None:
         # the twin: FSDP2 with the embedding gathered whole, on the same halves
         twin = shard(copy.deepcopy(ref), "fsdp2")
         train_on_halves(ref, sharded, f"{key}/gated", batch, local, twin)
+        # every id in rank 0's rows: rank 1 serves none and its shard gets the penalty's gradient only
+        few = {**batch, "input_ids": batch["input_ids"] % 10 + 3}
+        if case.task_type == "CAUSAL_LM":
+            few["labels"] = few["input_ids"].clone()
+        few_local = {k: v[rank * share : (rank + 1) * share] for k, v in few.items()}
+        models = [copy.deepcopy(ref) for _ in range(3)]
+        train_on_halves(
+            models[0], shard_rows(models[1]), f"{key}/one_owner", few, few_local, shard(models[2], "fsdp2"), steps=1
+        )
     finally:
         gates._uniform_noise = original_noise
     record(f"{key}/gated/eval", max_diff(eval_logits(ref, local), eval_logits(sharded, local)))

@@ -127,6 +127,8 @@ def test_embedding_sharded_by_rows_matches(two_ranks, model):
     key = f"rows/{model}"
     assert two_ranks[f"{key}/gated/twin/loss"] <= 1e-6
     assert two_ranks[f"{key}/gated/twin/grads"] <= 1e-6
+    assert two_ranks[f"{key}/one_owner/twin/loss"] <= 1e-6  # every id on rank 0: rank 1 serves no row
+    assert two_ranks[f"{key}/one_owner/twin/grads"] <= 1e-6
     assert two_ranks[f"{key}/gated/loss"] <= 1e-5
     assert two_ranks[f"{key}/gated/grads"] <= 1e-4
     assert two_ranks[f"{key}/gated/eval"] <= 1e-5
