@@ -18,6 +18,7 @@ import torch.distributed as dist
 from conftest import CAUSAL_LM_CASES, MODEL_CASES, REPO_ROOT, no_grad_logits
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
@@ -218,6 +219,11 @@ class TestEmbeddingRowsOnOneRank:
         _, model = _gated(case_name, **kwargs)
         with pytest.raises(error, match=match):
             shard_embedding_rows(model)
+
+    def test_refuses_a_2d_mesh(self):
+        _, model = _gated("bert")
+        with pytest.raises(NotImplementedError, match="1-d device mesh"):
+            shard_embedding_rows(model, mesh=init_device_mesh("cpu", (1, 1)))
 
 
 def test_embedding_rows_need_a_process_group():

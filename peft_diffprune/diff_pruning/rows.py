@@ -98,7 +98,7 @@ def _check_layer(name: str, layer: nn.Module, tied: bool) -> None:
         )
     if base.max_norm is not None or not (type(base) is nn.Embedding or hasattr(base, "embed_scale")):
         raise NotImplementedError(
-            f"{name!r} is a {type(base).__name__} with a forward of its own (max_norm or a subclass); rows sharding "
+            f"{name!r} is a {type(base).__name__} with a forward of its own (max_norm or a subclass); row sharding "
             f"supports nn.Embedding and its scaled variants; {fix}."
         )
     for adapter, state in layer.diff_pruning_state.items():
@@ -109,7 +109,7 @@ def _check_layer(name: str, layer: nn.Module, tied: bool) -> None:
         ]
         if unsupported:
             raise NotImplementedError(
-                f"Adapter {adapter!r} of {name!r} has structured gates or a candidate pool, which rows sharding does "
+                f"Adapter {adapter!r} of {name!r} has structured gates or a candidate pool, which row sharding does "
                 f"not support; {fix}."
             )
 
@@ -150,6 +150,11 @@ def shard_embedding_rows(model: nn.Module, mesh=None, modules: list[str] | None 
     if mesh is None:
         device = next(iter(embeddings[modules[0]].get_base_layer().parameters())).device
         mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"shard_embedding_rows shards over a 1-d device mesh; got a {mesh.ndim}-d one (HSDP is not supported): "
+            "pass mesh=None or a 1-d mesh."
+        )
     sharded = set()
     for name in modules:
         layer = embeddings[name]
