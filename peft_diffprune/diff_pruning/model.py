@@ -387,9 +387,10 @@ class DiffPruningModel(BaseTuner):
                             f"penalty_until_target cannot count the open gates of {state.module_name!r} under FSDP1: "
                             "shard the model with FSDP2 (fully_shard), or train with penalty_until_target=False."
                         )
-                    counts.append((local_part(alpha)[0] > threshold).sum() if sharded else (alpha > threshold).sum())
-                    if group is None:
-                        groups.append(torch.tensor(int(first), device=alpha.device))
+                    count = (local_part(alpha)[0] > threshold).sum() if sharded else (alpha > threshold).sum()
+                    counts.append(count)
+                    if group is None:  # filled on the device: no copy from the host per tensor
+                        groups.append(torch.ones_like(count) if first else torch.zeros_like(count))
                     else:  # its one entry, on the rank that holds it
                         groups.append(((local_part(group)[0] if sharded else group) > threshold).sum())
                     alphas.append(alpha)
