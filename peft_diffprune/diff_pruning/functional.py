@@ -43,8 +43,6 @@ def _transposed(matrix: torch.Tensor) -> torch.Tensor:
     torch's transposing copy of a whole matrix runs on one thread; by blocks it runs on all of them. On 2 threads
     the tokens x features activations and gradients of a BERT step transpose 1.2-2x faster so.
     """
-    if matrix.device.type != "cpu":
-        return matrix.t().contiguous()
     out = matrix.new_empty(matrix.shape[1], matrix.shape[0])
     for start in range(0, matrix.shape[0], TRANSPOSE_BLOCK):
         out[:, start : start + TRANSPOSE_BLOCK].copy_(matrix[start : start + TRANSPOSE_BLOCK].t())
