@@ -18,7 +18,7 @@ from peft import PeftModel, get_peft_model
 from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, select_pool
 from peft_diffprune.diff_pruning import gates
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
-from peft_diffprune.diff_pruning.pool import is_pool, pool_positions
+from peft_diffprune.diff_pruning.pool import is_pool, pool_positions, sorted_pool
 from peft_diffprune.diff_pruning.sparse import base_parameter_count
 
 
@@ -293,6 +293,25 @@ def test_regrowth_replaces_closed_entries_in_place_and_never_grows_the_pool():
     # training goes on with the same optimizer
     state_grads(model, case.batch())
     optimizer.step()
+
+
+def test_the_sorted_pool_is_cached_until_the_positions_change():
+    # every training forward of a linear layer asks for the pool's sorted positions: sorted once, again after regrowth
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    for state, name in pool_states(model).values():
+        first, again = sorted_pool(state, name), sorted_pool(state, name)
+        assert first[0] is again[0] and first[1] is again[1]
+        positions = pool_positions(state, name)
+        numel = torch.Size(state.pool_shapes[name]).numel()
+        unused = torch.ones(numel, dtype=torch.bool)
+        unused[positions] = False
+        if not unused.any():
+            continue
+        positions[0] = unused.nonzero()[-1, 0]  # in place, as regrowth replaces an entry
+        resorted, order = sorted_pool(state, name)
+        assert torch.equal(resorted, positions.sort().values) and torch.equal(positions[order], resorted)
 
 
 def test_regrowth_with_no_closed_gate_changes_nothing():

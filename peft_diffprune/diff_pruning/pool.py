@@ -60,7 +60,8 @@ def add_pool(
 def pool_positions(state, name: str) -> torch.Tensor:
     """The flat positions of a tensor's pool entries, checked once per change: set, in range, distinct."""
     positions = getattr(state, f"{name}_pool_positions")
-    key = ("pool", id(positions), positions._version)
+    # `Module.to()` swaps `.data` without bumping `_version`: the storage pointer catches that
+    key = ("pool", id(positions), positions._version, positions.data_ptr())
     cached = state._decoded.get(name)
     if cached is not None and cached[0] == key:
         return positions
@@ -81,10 +82,15 @@ def pool_positions(state, name: str) -> torch.Tensor:
 
 
 def sorted_pool(state, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(sorted positions, order)`: the pool's positions in increasing order and the permutation that sorts them."""
+    """`(sorted positions, order)`: the pool's positions in increasing order and the permutation that sorts them,
+    computed once per change of the positions (every training forward of a linear layer asks for them)."""
     positions = pool_positions(state, name)
-    order = positions.argsort()
-    return positions[order], order
+    key, cached = state._decoded[name]
+    if cached is None:
+        order = positions.argsort()
+        cached = (positions[order], order)
+        state._decoded[name] = (key, cached)
+    return cached
 
 
 def pool_apply(state, name: str, base: torch.Tensor, sample: bool, group=None) -> torch.Tensor:
