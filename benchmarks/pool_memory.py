@@ -33,16 +33,24 @@ METHODS = ("full", "lora_all_r8", "diff_pruning", "pool")
 #: The pool with the sampled weight gradient's operands transposed whole, on one thread, as `sampled_addmm` does itself
 #: when given views (the code before `functional._transposed`): for an A/B of the blocked transposes in one run.
 WHOLE_TRANSPOSES = "pool_whole_transposes"
+#: The pool with `sampled_addmm` for every sampled weight gradient, whatever the density (the code before
+#: `functional.DENSE_PRODUCT_DENSITY`): for an A/B of the kernel rule in one run.
+SAMPLED_ONLY = "pool_sampled_addmm"
 _build = train_step.build
 
 
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
     """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
-    `WHOLE_TRANSPOSES`)."""
+    `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`)."""
     if method == WHOLE_TRANSPOSES:
         from peft_diffprune.diff_pruning import functional
 
         functional._transposed = lambda matrix: matrix.t().contiguous()
+        method = "pool"
+    if method == SAMPLED_ONLY:
+        from peft_diffprune.diff_pruning import functional
+
+        functional.DENSE_PRODUCT_DENSITY = float("inf")
         method = "pool"
     if method != "pool":
         return _build(method, model_name, dtype, optimizer)
@@ -117,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method as a worker (internal)")
     parser.add_argument("--one_off", action="store_true", help="measure the pool's one-off costs (internal)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, WHOLE_TRANSPOSES])
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=[*METHODS, WHOLE_TRANSPOSES, SAMPLED_ONLY]
+    )
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seq_len", type=int, default=128)

@@ -398,7 +398,10 @@ def values_and_reference_grads(model: PeftModel, dtype=None):
 
 
 class TestFixedMaskGradients:
-    def test_values_get_the_dense_gradient_at_kept_positions(self, sparse_model):
+    @pytest.mark.parametrize("density", [0.0, float("inf")], ids=["dense-product", "sampled_addmm"])
+    def test_values_get_the_dense_gradient_at_kept_positions(self, sparse_model, density, monkeypatch):
+        # both kernels of the sampled weight gradient: the dense product and a gather, and sampled_addmm
+        monkeypatch.setattr(functional, "DENSE_PRODUCT_DENSITY", density)
         model, _ = sparse_model
         pairs = values_and_reference_grads(model)
         assert any(key.endswith("dense.weight") for key in pairs)  # the sampled (SDDMM) path of nn.Linear is used
@@ -420,8 +423,34 @@ class TestFixedMaskGradients:
             return original(pattern, mat1, mat2, **kwargs)
 
         monkeypatch.setattr(torch.sparse, "sampled_addmm", checked)
+        monkeypatch.setattr(functional, "DENSE_PRODUCT_DENSITY", float("inf"))  # sampled_addmm at any density
         values_and_reference_grads(model)
         assert seen and all(seen)
+
+    def test_the_kernel_follows_the_density(self, sparse_model, monkeypatch):
+        """A weight keeping at least `DENSE_PRODUCT_DENSITY` of its entries gets the dense product and a gather (at
+        high density it is faster than sampled_addmm, which runs on one thread); a sparser one gets sampled_addmm."""
+        model, _ = sparse_model
+        sampled_shapes = []
+        original = torch.sparse.sampled_addmm
+
+        def counted(pattern, mat1, mat2, **kwargs):
+            sampled_shapes.append((pattern.shape, pattern.values().numel()))
+            return original(pattern, mat1, mat2, **kwargs)
+
+        monkeypatch.setattr(torch.sparse, "sampled_addmm", counted)
+        densities = []
+        for layer in diff_layers(model).values():
+            state = layer.diff_pruning_state["default"]
+            if isinstance(layer.get_base_layer(), torch.nn.Linear) and "weight" in state.tensor_names:
+                densities.append(state.weight_values.numel() / layer.get_base_layer().weight.numel())
+        threshold = sorted(densities)[len(densities) // 2]
+        monkeypatch.setattr(functional, "DENSE_PRODUCT_DENSITY", threshold)
+        values_and_reference_grads(model)
+        below = sum(d < threshold for d in densities)
+        assert 0 < below < len(densities)
+        assert len(sampled_shapes) == below
+        assert all(count < threshold * shape[0] * shape[1] for shape, count in sampled_shapes)
         generator = torch.Generator().manual_seed(0)
         for rows, cols in ((3 * functional.TRANSPOSE_BLOCK + 7, 5), (2, 300)):
             matrix = torch.randn(rows, cols, generator=generator)

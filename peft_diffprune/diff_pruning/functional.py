@@ -5,7 +5,8 @@ of keeping a second copy of every layer's weight alive from forward to backward.
 
 With the mask fixed, only `k` kept diff entries train: the gradient of the loss with respect to them is the product
 `grad_out^T @ x` sampled at `k` positions. Computing the full weight gradient and then gathering `k` entries of it
-would cost as much as full fine-tuning; `torch.sparse.sampled_addmm` computes only the sampled entries (an SDDMM).
+would cost as much as full fine-tuning; `torch.sparse.sampled_addmm` computes only the sampled entries (an SDDMM),
+up to the density from which the dense product is cheaper on a CPU (`DENSE_PRODUCT_DENSITY`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch
     return base.reshape(-1).index_add(0, positions, values.to(base.dtype)).view_as(base)
 
 
+#: Share of a weight's entries from which [`_sampled_weight_grad`] on a CPU forms the dense product and gathers the
+#: sampled entries instead of calling `sampled_addmm` (see there). Read on each call, so benchmarks may change it.
+DENSE_PRODUCT_DENSITY = 0.04
+
 #: Rows per block of [`_transposed`].
 TRANSPOSE_BLOCK = 256
 
@@ -50,12 +55,19 @@ def _transposed(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, shape) -> torch.Tensor:
-    """`(grad_out^T @ x)` at the flat `positions` of an `(out, in)` weight, without forming the full product.
+    """`(grad_out^T @ x)` at the flat `positions` of an `(out, in)` weight, without forming the full product where
+    that is cheaper.
 
     On CPU, `sampled_addmm` takes each sampled entry's dot product over contiguous rows of `grad_out^T` and `x^T`,
     and makes both (two transposing copies on one thread) unless given them: they are made here, on every thread.
+    Its dot products run on one thread and stream a row of `x^T` each from memory, so from about 4% of the entries
+    on (`DENSE_PRODUCT_DENSITY`; a candidate pool 16 times the 0.5% budget is 8%) the dense product, blocked and on
+    every thread, and a gather of the sampled entries are faster: the same values up to the order of the sums, for
+    one transient weight-sized gradient. Measured in docs/benchmarks.md.
     """
     out_features, in_features = shape
+    if grad_out.device.type == "cpu" and positions.numel() >= DENSE_PRODUCT_DENSITY * out_features * in_features:
+        return (grad_out.t() @ x).view(-1).index_select(0, positions)
     rows = torch.div(positions, in_features, rounding_mode="floor")
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=positions.device)
     crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
