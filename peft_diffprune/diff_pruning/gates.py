@@ -82,15 +82,33 @@ def _sample_gate(alpha: torch.Tensor, stretch: tuple[float, float], noise: torch
     return z.mul_(right - left).add_(left).clamp_(0.0, 1.0)
 
 
-def _gate_derivative(z: torch.Tensor, stretch: tuple[float, float]) -> torch.Tensor:
-    """dz/dalpha from the sampled gate alone.
+_SCALARS: dict[tuple, torch.Tensor] = {}
 
-    Inside (0, 1), `z = s (r - l) + l` with `ds/dalpha = s (1 - s)`, so `dz/dalpha = (z - l)(r - z) / (r - l)`;
-    where the sample was clamped to exactly 0 or 1 the gate does not move with alpha.
+
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor holding `value` in the dtype and on the device of `like` (made once per value and device)."""
+    key = (value, like.dtype, like.device)
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return _SCALARS[key]
+
+
+def _alpha_grad(grad_delta, w, group, z, stretch) -> torch.Tensor:
+    """`grad_delta * w * group * dz/dalpha` in fp32 from the sampled gate alone (`grad_delta` is overwritten).
+
+    Inside (0, 1), `z = s (r - l) + l` with `ds/dalpha = s (1 - s)`, so with `s = (z - l) / (r - l)`,
+    `dz/dalpha = (r - l) s (1 - s)`; where the sample was clamped to exactly 0 or 1 the gate does not move with
+    alpha. Four passes over the tensor: the products, `s`, `sigmoid_backward` (`g s (1 - s)`) and
+    `hardtanh_backward` (zero where `z` is 0 or 1), where forming the derivative and multiplying took ten.
     """
     left, right = stretch
-    derivative = (z - left).mul_(right - z).div_(right - left)
-    return derivative.masked_fill_(torch.logical_or(z <= 0, z >= 1), 0.0)
+    zero = _scalar(0.0, grad_delta)
+    grad = torch.addcmul(zero, grad_delta, w, value=right - left, out=grad_delta)  # (r - l) * grad * w
+    if group is not None:
+        grad.mul_(group)
+    s = torch.addcmul(_scalar(-left / (right - left), z), z, _scalar(1.0 / (right - left), z))
+    grad = torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=s)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, z, 0.0, 1.0, grad_input=s)
 
 
 def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: bool, needs_group: bool):
@@ -102,12 +120,12 @@ def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: boo
     dtype = w.dtype
     grad_delta, z = upcast(grad_delta), upcast(z)  # no copies in fp32
     grad_w = grad_alpha = grad_group = None
+    wants_z = needs_w or (group is not None and needs_group)
+    grad_z = grad_delta * z if wants_z and needs_alpha else None
     if needs_alpha:
-        grad_alpha = _gate_derivative(z, stretch).mul_(grad_delta).mul_(w)
-        if group is not None:
-            grad_alpha.mul_(group)
-    if needs_w or (group is not None and needs_group):
-        grad_z = grad_delta.mul_(z)
+        grad_alpha = _alpha_grad(grad_delta, w, group, z, stretch)
+    if wants_z:
+        grad_z = grad_delta.mul_(z) if grad_z is None else grad_z
         if group is not None:
             # d(sum grad * z * w * group) / d group = <grad * z, w>
             grad_group = torch.dot(grad_z.reshape(-1), w.reshape(-1).to(grad_z.dtype)).reshape(group.shape)
