@@ -121,11 +121,11 @@ def gate_grads(grad_delta, w, group, z, stretch, needs_w: bool, needs_alpha: boo
     grad_delta, z = upcast(grad_delta), upcast(z)  # no copies in fp32
     grad_w = grad_alpha = grad_group = None
     wants_z = needs_w or (group is not None and needs_group)
-    grad_z = grad_delta * z if wants_z and needs_alpha else None
+    # grad * z first: alpha's gradient is formed in grad_delta's memory
+    grad_z = (grad_delta * z if needs_alpha else grad_delta.mul_(z)) if wants_z else None
     if needs_alpha:
         grad_alpha = _alpha_grad(grad_delta, w, group, z, stretch)
     if wants_z:
-        grad_z = grad_delta.mul_(z) if grad_z is None else grad_z
         if group is not None:
             # d(sum grad * z * w * group) / d group = <grad * z, w>
             grad_group = torch.dot(grad_z.reshape(-1), w.reshape(-1).to(grad_z.dtype)).reshape(group.shape)
