@@ -451,6 +451,11 @@ class TestFixedMaskGradients:
         assert 0 < below < len(densities)
         assert len(sampled_shapes) == below
         assert all(count < threshold * shape[0] * shape[1] for shape, count in sampled_shapes)
+        # a weight above DENSE_PRODUCT_MAX_ENTRIES gets sampled_addmm at any density: no weight-sized product
+        sampled_shapes.clear()
+        monkeypatch.setattr(functional, "DENSE_PRODUCT_MAX_ENTRIES", 0)
+        values_and_reference_grads(model)
+        assert len(sampled_shapes) == len(densities)
         generator = torch.Generator().manual_seed(0)
         for rows, cols in ((3 * functional.TRANSPOSE_BLOCK + 7, 5), (2, 300)):
             matrix = torch.randn(rows, cols, generator=generator)

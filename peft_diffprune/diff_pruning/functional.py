@@ -37,6 +37,9 @@ def _with_diff(base: torch.Tensor, positions: torch.Tensor | None, values: torch
 #: Share of a weight's entries from which [`_sampled_weight_grad`] on a CPU forms the dense product and gathers the
 #: sampled entries instead of calling `sampled_addmm` (see there). Read on each call, so benchmarks may change it.
 DENSE_PRODUCT_DENSITY = 0.04
+#: Largest weight (in entries) whose dense product [`_sampled_weight_grad`] forms: the product is a transient copy of
+#: the weight's size in fp32 (64 MiB here), which for an LLM's embedding-sized output layer would be gigabytes.
+DENSE_PRODUCT_MAX_ENTRIES = 1 << 24
 
 #: Rows per block of [`_transposed`].
 TRANSPOSE_BLOCK = 256
@@ -63,10 +66,15 @@ def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: tor
     Its dot products run on one thread and stream a row of `x^T` each from memory, so from about 4% of the entries
     on (`DENSE_PRODUCT_DENSITY`; a candidate pool 16 times the 0.5% budget is 8%) the dense product, blocked and on
     every thread, and a gather of the sampled entries are faster: the same values up to the order of the sums, for
-    one transient weight-sized gradient. Measured in docs/benchmarks.md.
+    one transient weight-sized gradient (so only up to `DENSE_PRODUCT_MAX_ENTRIES`). Measured in docs/benchmarks.md.
     """
     out_features, in_features = shape
-    if grad_out.device.type == "cpu" and positions.numel() >= DENSE_PRODUCT_DENSITY * out_features * in_features:
+    numel = out_features * in_features
+    if (
+        grad_out.device.type == "cpu"
+        and numel <= DENSE_PRODUCT_MAX_ENTRIES
+        and positions.numel() >= DENSE_PRODUCT_DENSITY * numel
+    ):
         return (grad_out.t() @ x).view(-1).index_select(0, positions)
     rows = torch.div(positions, in_features, rounding_mode="floor")
     crow = torch.zeros(out_features + 1, dtype=torch.int64, device=positions.device)
