@@ -426,6 +426,13 @@ class TestFixedMaskGradients:
         monkeypatch.setattr(functional, "DENSE_PRODUCT_DENSITY", float("inf"))  # sampled_addmm at any density
         values_and_reference_grads(model)
         assert seen and all(seen)
+        generator = torch.Generator().manual_seed(0)
+        for rows, cols in ((3 * functional.TRANSPOSE_BLOCK + 7, 5), (2, 300)):
+            matrix = torch.randn(rows, cols, generator=generator)
+            assert (
+                torch.equal(functional._transposed(matrix), matrix.t())
+                and functional._transposed(matrix).is_contiguous()
+            )
 
     def test_the_kernel_follows_the_density(self, sparse_model, monkeypatch):
         """A weight keeping at least `DENSE_PRODUCT_DENSITY` of its entries gets the dense product and a gather (at
@@ -456,13 +463,6 @@ class TestFixedMaskGradients:
         monkeypatch.setattr(functional, "DENSE_PRODUCT_MAX_ENTRIES", 0)
         values_and_reference_grads(model)
         assert len(sampled_shapes) == len(densities)
-        generator = torch.Generator().manual_seed(0)
-        for rows, cols in ((3 * functional.TRANSPOSE_BLOCK + 7, 5), (2, 300)):
-            matrix = torch.randn(rows, cols, generator=generator)
-            assert (
-                torch.equal(functional._transposed(matrix), matrix.t())
-                and functional._transposed(matrix).is_contiguous()
-            )
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
     def test_half_precision_base(self, dtype):
