@@ -42,15 +42,13 @@ _build = train_step.build
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
     """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
     `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`)."""
-    if method == WHOLE_TRANSPOSES:
+    if method in (WHOLE_TRANSPOSES, SAMPLED_ONLY):
         from peft_diffprune.diff_pruning import functional
 
-        functional._transposed = lambda matrix: matrix.t().contiguous()
-        method = "pool"
-    if method == SAMPLED_ONLY:
-        from peft_diffprune.diff_pruning import functional
-
-        functional.DENSE_PRODUCT_DENSITY = float("inf")
+        if method == WHOLE_TRANSPOSES:
+            functional._transposed = lambda matrix: matrix.t().contiguous()
+        else:
+            functional.DENSE_PRODUCT_DENSITY = float("inf")
         method = "pool"
     if method != "pool":
         return _build(method, model_name, dtype, optimizer)
