@@ -254,7 +254,7 @@ def test_selection_is_deterministic_and_is_the_top_of_the_gradient():
     assert all(p.grad is None for n, p in model.named_parameters())
 
 
-def test_regrowth_replaces_closed_entries_in_place_and_never_grows_the_pool():
+def test_regrowth_replaces_closed_entries_keeps_the_pool_sorted_and_never_grows_it():
     case = MODEL_CASES["bert"]
     model = pool_model(case)
     pattern = select_pool(model, [case.batch(1)])
@@ -262,56 +262,91 @@ def test_regrowth_replaces_closed_entries_in_place_and_never_grows_the_pool():
     state_grads(model, case.batch())
     optimizer.step()
     states = pool_states(model)
-    before = {k: pool_positions(*v).clone() for k, v in states.items()}
     params_before = dict(model.named_parameters())
+
+    def per_entry(state, name):
+        """position -> [diff, alpha, their optimizer moments]: each entry's state, wherever its slot is"""
+        diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
+        columns = [diff, alpha] + [v for p in (diff, alpha) for v in optimizer.state[p].values() if v.shape == p.shape]
+        rows = torch.stack([c.detach() for c in columns], 1).tolist()
+        return dict(zip(pool_positions(state, name).tolist(), rows, strict=True))
+
     # close a third of the gates of every tensor
     closed = {}
     with torch.no_grad():
         for key, (state, name) in states.items():
-            alpha = getattr(state, f"{name}_alpha")
-            closed[key] = torch.arange(0, alpha.numel(), 3)
-            alpha[closed[key]] = -3.0
+            closed[key] = set(pool_positions(state, name)[::3].tolist())
+            getattr(state, f"{name}_alpha")[::3] = -3.0
+    before = {key: per_entry(*v) for key, v in states.items()}
     grown = regrow_pool(model, [case.batch(2)], optimizer)
-    assert 0 < grown <= sum(c.numel() for c in closed.values())
+    assert 0 < grown <= sum(len(c) for c in closed.values())
     assert model.peft_config["default"].pool_pattern == pattern
     assert dict(model.named_parameters()) == params_before  # the same parameter objects
     replaced = 0
     for key, (state, name) in states.items():
         positions = pool_positions(state, name)
         assert positions.numel() == pattern[key] == torch.unique(positions).numel()
-        changed = (positions != before[key]).nonzero().squeeze(1)
-        assert set(changed.tolist()) <= set(closed[key].tolist())
-        assert not set(positions[changed].tolist()) & set(before[key].tolist())
-        alpha, diff = getattr(state, f"{name}_alpha"), getattr(state, f"{name}_diff")
-        assert (alpha[changed] == 5.0).all() and (diff[changed] == 0).all()
-        for param in (alpha, diff):
-            for value in optimizer.state[param].values():
-                if value.shape == param.shape:
-                    assert (value[changed] == 0).all()
-        replaced += changed.numel()
+        assert torch.equal(positions, positions.sort().values)  # sorted again: training needs no sorted copy
+        after = per_entry(state, name)
+        new, dropped = set(after) - set(before[key]), set(before[key]) - set(after)
+        assert dropped <= closed[key] and len(new) == len(dropped)
+        for position in set(after) - new:  # a kept entry keeps its diff, logit and moments
+            assert after[position] == before[key][position]
+        for position in new:  # a new one starts from a zero diff, the initial logit and zero moments
+            assert after[position][:2] == [0.0, 5.0] and not any(after[position][2:])
+        replaced += len(new)
     assert replaced == grown
     # training goes on with the same optimizer
     state_grads(model, case.batch())
     optimizer.step()
 
 
-def test_the_sorted_pool_is_cached_until_the_positions_change():
-    # every training forward of a linear layer asks for the pool's sorted positions: sorted once, again after regrowth
+def test_a_sorted_pool_is_used_as_is_and_an_unsorted_one_sorted_once():
+    # every training forward of a linear layer asks for the pool's sorted positions: a chosen pool is sorted, so
+    # they are the buffer itself, no copy; positions loaded unsorted are sorted once per change, into a copy
     case = MODEL_CASES["bert"]
     model = pool_model(case)
     select_pool(model, [case.batch(1)])
     for state, name in pool_states(model).values():
+        positions = pool_positions(state, name)
+        found, order = sorted_pool(state, name)
+        assert found is positions and order is None
+        if positions.numel() < 2:
+            continue
+        positions[:2] = positions[:2].flip(0).clone()  # in place, as loading an unsorted checkpoint does
         first, again = sorted_pool(state, name), sorted_pool(state, name)
         assert first[0] is again[0] and first[1] is again[1]
-        positions = pool_positions(state, name)
-        numel = torch.Size(state.pool_shapes[name]).numel()
-        unused = torch.ones(numel, dtype=torch.bool)
-        unused[positions] = False
-        if not unused.any():
-            continue
-        positions[0] = unused.nonzero()[-1, 0]  # in place, as regrowth replaces an entry
-        resorted, order = sorted_pool(state, name)
+        resorted, order = first
         assert torch.equal(resorted, positions.sort().values) and torch.equal(positions[order], resorted)
+
+
+def test_an_unsorted_pool_trains_as_the_same_pool_sorted(fixed_noise):
+    case = MODEL_CASES["bert"]
+    model = pool_model(case, init_weights=False)
+    select_pool(model, [case.batch(1)])
+    batch = case.batch()
+    states = pool_states(model)
+
+    def grads():
+        state_grads(model, batch)
+        return {
+            key: (getattr(s, f"{n}_diff").grad.clone(), getattr(s, f"{n}_alpha").grad.clone())
+            for key, (s, n) in states.items()
+        }
+
+    sorted_grads, eval_logits = grads(), model.eval()(**batch).logits
+    reversed_order = {}
+    with torch.no_grad():
+        for key, (state, name) in states.items():
+            reversed_order[key] = torch.arange(pool_positions(state, name).numel() - 1, -1, -1)
+            for suffix in ("pool_positions", "diff", "alpha"):
+                tensor = getattr(state, f"{name}_{suffix}")
+                tensor.copy_(tensor[reversed_order[key]])
+    unsorted_grads = grads()
+    torch.testing.assert_close(model.eval()(**batch).logits, eval_logits)
+    for key, order in reversed_order.items():
+        for got, expected in zip(unsorted_grads[key], sorted_grads[key], strict=True):
+            torch.testing.assert_close(got, expected[order])
 
 
 def test_regrowth_with_no_closed_gate_changes_nothing():

@@ -202,6 +202,13 @@ def select_pool(
     return dict(config.pool_pattern)
 
 
+def _entry_state(param: nn.Parameter, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """A pool parameter, its optimizer moments (tensors of its shape) and its gradient: what is kept per entry."""
+    moments = optimizer.state.get(param, {}) if optimizer is not None else {}
+    values = [param] + [v for v in moments.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+    return values if param.grad is None else [*values, param.grad]
+
+
 def regrow_pool(
     model: nn.Module,
     batches: Iterable[dict],
@@ -214,8 +221,9 @@ def regrow_pool(
     A closed entry (deterministic gate exactly 0: it contributes nothing and would be cut by projection) frees its
     slot; the slot takes the entry of the same tensor outside the pool with the largest `|d loss / d theta|` summed
     over `batches` (at the current adapted weights), with a zero diff, the logit `alpha_init`, and, if `optimizer`
-    is given, zeroed optimizer moments. So no tensor's pool ever grows and no parameter is replaced: a training
-    loop keeps its optimizer (pass it, or the new entries inherit the moments of the dropped ones). Under
+    is given, zeroed optimizer moments (and gradients). The pool is then sorted by position again, each entry's
+    diff, logit, moments and gradient moved with it. So no tensor's pool ever grows and no parameter is replaced:
+    a training loop keeps its optimizer (pass it, or the new entries inherit the moments of the dropped ones). Under
     `torch.distributed` every rank takes rank 0's new entries. Returns the number of entries regrown.
     """
     tuner, adapter_name, config = _check_pool_adapter(model, adapter_name)
@@ -245,15 +253,21 @@ def regrow_pool(
         for key, (state, name, _) in entries.items():
             new = grown[key].to(device)
             slots = closed[key][: new.numel()].to(device)
-            getattr(state, f"{name}_pool_positions")[slots] = new
+            positions = getattr(state, f"{name}_pool_positions")
+            positions[slots] = new
             diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
             diff[slots] = 0.0
             alpha[slots] = config.alpha_init
-            for param in (diff, alpha):
-                moments = optimizer.state.get(param, {}) if optimizer is not None else {}
-                for value in moments.values():
-                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value[slots] = 0
+            per_entry = {param: _entry_state(param, optimizer) for param in (diff, alpha)}
+            for values in per_entry.values():
+                for value in values[1:]:
+                    value[slots] = 0
+            # sorted again, everything per entry with it, so training forwards need no sorted copy (pool.sorted_pool)
+            order = positions.argsort()
+            positions.copy_(positions[order])
+            for values in per_entry.values():
+                for value in values:
+                    value.copy_(value[order])
             count += new.numel()
     for layer in tuner.diff_layers().values():
         layer._eval_cache = None

@@ -8,8 +8,9 @@ dense gated stage applied to these 1-d tensors, so every entry outside the pool 
 penalty term. The adapted parameter is `theta + scatter(positions, z * w)`, trained with the fixed-mask stage's
 sparse forward (`functional.sparse_diff_linear`). Choosing and renewing the pool is in `candidates.py`.
 
-Regrowth replaces entries in place, so the positions are not sorted; they are sorted where an order matters
-(the sparse linear forward, projection).
+The positions are kept sorted (regrowth puts its new entries in the closed entries' slots, then sorts the pool with
+its diffs, logits and optimizer moments), which the sparse linear forward and projection need; positions loaded
+unsorted are sorted where an order matters, into a copy (`sorted_pool`).
 """
 
 from __future__ import annotations
@@ -81,16 +82,28 @@ def pool_positions(state, name: str) -> torch.Tensor:
     return positions
 
 
-def sorted_pool(state, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def sorted_pool(state, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(sorted positions, order)`: the pool's positions in increasing order and the permutation that sorts them,
-    computed once per change of the positions (every training forward of a linear layer asks for them)."""
+    found once per change of the positions (every training forward of a linear layer asks for them).
+
+    `select_pool` and `regrow_pool` keep a pool sorted, so `order` is None and the positions are the buffer
+    itself: no copy, no gather of the diff. Only positions loaded unsorted (a checkpoint of an earlier version, an
+    edited buffer) are sorted here, into a copy kept until they change.
+    """
     positions = pool_positions(state, name)
     key, cached = state._decoded[name]
     if cached is None:
-        order = positions.argsort()
-        cached = (positions[order], order)
+        if positions.numel() < 2 or bool((positions[1:] > positions[:-1]).all()):
+            cached = (None, None)  # not the buffer itself: `Module.to()` would leave the old one alive here
+        else:
+            order = positions.argsort()
+            cached = (positions[order], order)
         state._decoded[name] = (key, cached)
-    return cached
+    return cached if cached[1] is not None else (positions, None)
+
+
+def _in_order(values: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    return values if order is None else values[order]
 
 
 def pool_apply(state, name: str, base: torch.Tensor, sample: bool, group=None) -> torch.Tensor:
@@ -118,14 +131,14 @@ def pool_linear(state, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
     diffs = {}
     for name in state.tensor_names:
         positions, order = sorted_pool(state, name)
-        diffs[name] = (positions, state.gated_delta(name, sample=True)[order])
+        diffs[name] = (positions, _in_order(state.gated_delta(name, sample=True), order))
     return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
 
 
 def pool_sparse_delta(state, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The non-zero entries of a pool's diff under the deterministic gate, `(positions, values)`, sorted."""
     positions, order = sorted_pool(state, name)
-    delta = state.gated_delta(name, sample=False).detach()[order]
+    delta = _in_order(state.gated_delta(name, sample=False).detach(), order)
     nonzero = delta.nonzero().squeeze(1)
     return positions[nonzero], delta[nonzero]
 
@@ -133,4 +146,4 @@ def pool_sparse_delta(state, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 def pool_candidates(state, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every pool entry as `(sorted positions, diff under the deterministic gate)`, for projection."""
     positions, order = sorted_pool(state, name)
-    return positions, state.gated_delta(name, sample=False).detach().float()[order]
+    return positions, _in_order(state.gated_delta(name, sample=False).detach().float(), order)
