@@ -16,10 +16,10 @@ from conftest import CAUSAL_LM_CASES, MODEL_CASES, REPO_ROOT
 from peft import PeftModel, get_peft_model
 
 from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, select_pool
-from peft_diffprune.diff_pruning import gates
+from peft_diffprune.diff_pruning import candidates, gates
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 from peft_diffprune.diff_pruning.pool import is_pool, pool_positions, sorted_pool
-from peft_diffprune.diff_pruning.sparse import base_parameter_count
+from peft_diffprune.diff_pruning.sparse import _top_positions, base_parameter_count
 
 
 SPARSITY = 0.05
@@ -252,6 +252,33 @@ def test_selection_is_deterministic_and_is_the_top_of_the_gradient():
     assert chosen == top
     # no gradient is left behind on the base weights or the head
     assert all(p.grad is None for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("size", [0, 1, 37, 250, 399, 400, 1000])
+def test_pruning_the_running_top_keeps_the_best_pairs_ties_to_the_first(size):
+    # the bisection on the scores' bits, without concatenating the pairs, keeps what a top-k of their concatenation
+    # keeps: the `size` best, ties at the threshold to the first in key order
+    generator = torch.Generator().manual_seed(size)
+    lengths = {"a": 120, "b": 0, "c": 200, "d": 80}
+    running = candidates._RunningTop(dict.fromkeys(lengths, 400), total=size)
+    for key, length in lengths.items():
+        # few distinct values, so that the threshold falls on ties; zeros and an infinity too
+        scores = torch.randint(0, 6, (length,), generator=generator).float() / 4
+        if key == "c":
+            scores[7] = float("inf")
+        running.positions[key] = torch.randperm(10_000, generator=generator)[:length].int()
+        running.scores[key] = scores
+    flat_scores = torch.cat(list(running.scores.values()))
+    flat_positions = torch.cat(list(running.positions.values()))
+    owner = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths.values())])
+    keep = _top_positions(flat_scores, min(size, flat_scores.numel()))
+    running._prune(list(lengths), size)
+    for i, key in enumerate(lengths):
+        expected = keep[owner[keep] == i]
+        assert torch.equal(running.positions[key], flat_positions[expected])
+        assert torch.equal(running.scores[key], flat_scores[expected])
+        if 0 < size < flat_scores.numel():
+            assert running.thresholds[key] == flat_scores[keep].min()
 
 
 def test_regrowth_replaces_closed_entries_keeps_the_pool_sorted_and_never_grows_it():
