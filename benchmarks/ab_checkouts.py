@@ -1,0 +1,90 @@
+"""One method's training step from two checkouts of this package, beside full fine-tuning, in interleaved rounds.
+
+Each of full fine-tuning, the method at `--new` and the method at `--old` (a `git worktree` of an earlier commit)
+runs as `pool_memory.py`'s worker in a process of its own, with the package imported from that checkout; each round
+steps the three once, in rotating order, and the ratios are per round to full fine-tuning's step. The workers'
+minor page faults and user and system CPU seconds (from `/proc`) come with them: glibc's heap returning and taking
+back memory shows as faults and system time, not as compute.
+
+    git worktree add /tmp/old 30cb550
+    python benchmarks/ab_checkouts.py --old /tmp/old --model minilm --pool 16 --rounds 10 \
+        --output benchmarks/results/ab_pool_sorted_minilm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from _record import write_record
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def start(method: str, checkout: str, settings: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=checkout, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(HERE / "pool_memory.py"), "--method", method]
+    cmd += [f"--{k}={v}" for k, v in settings.items()]
+    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    process.stdout.readline()  # built
+    return process
+
+
+def step(process: subprocess.Popen) -> float:
+    process.stdin.write("step\n")
+    process.stdin.flush()
+    return json.loads(process.stdout.readline())["step_time_s"]
+
+
+def proc_counters(pid: int) -> dict:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"minor_faults": int(fields[7]), "user_s": int(fields[11]) / ticks, "system_s": int(fields[12]) / ticks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", required=True, help="checkout of the earlier code (a git worktree)")
+    parser.add_argument("--new", default=str(HERE.parent), help="checkout of the code to compare (this one)")
+    parser.add_argument("--method", default="pool")
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pool", type=float, default=16.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", default="benchmarks/results/ab_checkouts.json")
+    args = parser.parse_args()
+    settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "pool")}
+    settings.update(dtype="fp32", optimizer="fused")
+    workers = {
+        "full": start("full", args.new, settings),
+        "new": start(args.method, args.new, settings),
+        "old": start(args.method, args.old, settings),
+    }
+    names = list(workers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.warmup + args.rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(step(workers[name]))
+    results = {}
+    for name, process in workers.items():
+        results[name] = {"step_times_s": times[name], **proc_counters(process.pid)}
+        process.kill()
+    for name in ("new", "old"):
+        ratios = [a / b for a, b in zip(times[name][args.warmup :], times["full"][args.warmup :], strict=True)]
+        results[name].update(time_ratio=statistics.median(ratios), time_ratios=ratios)
+        print(name, f"x{statistics.median(ratios):.3f}", results[name]["minor_faults"], "faults", flush=True)
+    write_record(args.output, {**settings, "method": args.method, "old": args.old, "new": args.new}, results)
+
+
+if __name__ == "__main__":
+    main()
