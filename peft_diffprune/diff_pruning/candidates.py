@@ -277,16 +277,14 @@ def regrow_pool(
             diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
             diff[slots] = 0.0
             alpha[slots] = config.alpha_init
-            per_entry = {param: _entry_state(param, optimizer) for param in (diff, alpha)}
-            for values in per_entry.values():
-                for value in values[1:]:
+            per_entry = [_entry_state(param, optimizer) for param in (diff, alpha)]
+            for _, *moments_and_grad in per_entry:
+                for value in moments_and_grad:
                     value[slots] = 0
             # sorted again, everything per entry with it, so training forwards need no sorted copy (pool.sorted_pool)
             order = positions.argsort()
-            positions.copy_(positions[order])
-            for values in per_entry.values():
-                for value in values:
-                    value.copy_(value[order])
+            for value in [positions, *(v for values in per_entry for v in values)]:
+                value.copy_(value[order])
             count += new.numel()
     for layer in tuner.diff_layers().values():
         layer._eval_cache = None
