@@ -14,32 +14,19 @@ back memory shows as faults and system time, not as compute.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from _record import write_record
+from pool_memory import PoolWorker
 
 
 HERE = Path(__file__).resolve().parent
 
 
-def start(method: str, checkout: str, settings: dict) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=checkout, HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(HERE / "pool_memory.py"), "--method", method]
-    cmd += [f"--{k}={v}" for k, v in settings.items()]
-    process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    process.stdout.readline()  # built
-    return process
-
-
-def step(process: subprocess.Popen) -> float:
-    process.stdin.write("step\n")
-    process.stdin.flush()
-    return json.loads(process.stdout.readline())["step_time_s"]
+def start(method: str, checkout: str, settings: dict) -> PoolWorker:
+    return PoolWorker(method, settings, env=dict(os.environ, PYTHONPATH=checkout, HF_HUB_OFFLINE="1"))
 
 
 def proc_counters(pid: int) -> dict:
@@ -74,11 +61,11 @@ def main() -> None:
     for round_ in range(args.warmup + args.rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(step(workers[name]))
+            times[name].append(workers[name].ask("step")["step_time_s"])
     results = {}
-    for name, process in workers.items():
-        results[name] = {"step_times_s": times[name], **proc_counters(process.pid)}
-        process.kill()
+    for name, worker in workers.items():
+        results[name] = {"step_times_s": times[name], **proc_counters(worker.process.pid)}
+        worker.process.kill()
     for name in ("new", "old"):
         ratios = [a / b for a, b in zip(times[name][args.warmup :], times["full"][args.warmup :], strict=True)]
         results[name].update(time_ratio=statistics.median(ratios), time_ratios=ratios)

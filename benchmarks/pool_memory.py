@@ -64,11 +64,12 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
 
 
 class PoolWorker(train_step.Worker):
-    """`train_step.Worker` running this script, whose workers know the `pool` method."""
+    """`train_step.Worker` running this script, whose workers know the `pool` method; `env` replaces the worker's
+    environment (`ab_checkouts.py` points `PYTHONPATH` at another checkout)."""
 
-    def __init__(self, method: str, settings: dict):
+    def __init__(self, method: str, settings: dict, env: dict | None = None):
         cmd = [sys.executable, __file__, "--method", method, *[f"--{k}={v}" for k, v in settings.items()]]
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.ready = self.ask(None)
 
 

@@ -2,8 +2,8 @@
 
 For each method, in a worker process of its own: the resident memory of the process and the loaded model, the bytes
 of the trainable parameters, buffers, gradients and optimizer moments, the bytes autograd saves for backward in one
-training forward (shared storage counted once, parameters and buffers left out: activations and per-step copies), and the peak RSS of training
-steps. `--allocator live` sets `MALLOC_MMAP_THRESHOLD_=65536` in the workers, so that glibc maps and unmaps every
+training forward (shared storage counted once, parameters and buffers left out: activations and per-step copies),
+and the peak RSS of training steps. `--allocators live` sets `MALLOC_MMAP_THRESHOLD_=65536` in the workers, so that glibc maps and unmaps every
 tensor of 64 KiB or more and the RSS follows the live bytes; `default` leaves glibc's dynamic threshold, whose heap
 keeps freed memory (what a user sees).
 
@@ -37,7 +37,7 @@ def measure(method: str, model_name: str, batch_size: int, seq_len: int, pool: f
 
     from peft_diffprune import DiffPruningConfig, param_groups, select_pool
 
-    loaded_before = train_step.status_mib("VmRSS")
+    runtime = train_step.status_mib("VmRSS")
     batches = None
     selection_peak = None
     if method == "pool":
@@ -71,7 +71,8 @@ def measure(method: str, model_name: str, batch_size: int, seq_len: int, pool: f
     for tensor in kept:
         width = "scalars" if tensor.dim() == 0 else f"last dim {tensor.shape[-1]}" if tensor.dim() > 1 else "1-d"
         by_width.setdefault(width, []).append(tensor)
-    saved_parts = {width: round(_storage_mib(ts), 1) for width, ts in by_width.items() if _storage_mib(ts) >= 1}
+    saved_parts = {width: round(_storage_mib(ts), 1) for width, ts in by_width.items()}
+    saved_parts = {width: mib for width, mib in saved_parts.items() if mib >= 1}
     saved_mib = _storage_mib(kept)
     loss.backward()
     saved.clear()
@@ -85,7 +86,7 @@ def measure(method: str, model_name: str, batch_size: int, seq_len: int, pool: f
     for step in range(steps):
         train_step.train_step(model, optimizer, batches[step % len(batches)])
     return {
-        "rss_runtime_mib": loaded_before,
+        "rss_runtime_mib": runtime,
         "rss_loaded_mib": loaded,
         "selection_peak_rss_mib": selection_peak,
         "trainable_mib": _storage_mib(trainable),
@@ -117,6 +118,7 @@ def main() -> None:
         result = measure(args.method, args.model, args.batch_size, args.seq_len, args.pool, args.steps)
         print(json.dumps(result), flush=True)
         return
+    settings = [f"--{k}={getattr(args, k)}" for k in ("model", "batch_size", "seq_len", "pool", "steps", "threads")]
     results = {}
     for allocator in args.allocators:
         env = dict(os.environ)
@@ -124,8 +126,7 @@ def main() -> None:
         if allocator == "live":
             env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         for method in args.methods:
-            settings = [f"--{k}={getattr(args, k)}" for k in ("model", "batch_size", "seq_len", "pool", "steps")]
-            cmd = [sys.executable, __file__, "--method", method, f"--threads={args.threads}", *settings]
+            cmd = [sys.executable, __file__, "--method", method, *settings]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             results[f"{method}/{allocator}"] = json.loads(out.strip().splitlines()[-1])
         full = results.get(f"full/{allocator}")
