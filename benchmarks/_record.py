@@ -25,6 +25,27 @@ def git_commit(cwd: Path | None = None) -> str:
     ).stdout.strip()
 
 
+#: Allocators a benchmark's workers can run under (`LD_PRELOAD`), and the Debian package that has each.
+ALLOCATORS = {
+    "glibc": (None, None),
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc-minimal4"),
+}
+
+
+def allocator_env(name: str) -> dict:
+    """The environment variables that make a child process allocate with `name` (see `ALLOCATORS`): none for glibc,
+    `LD_PRELOAD` of the library otherwise. glibc's heap gives back freed memory at its top and takes it again, page
+    by page, so step times on it depend on the heap's layout; a caching allocator takes that out of a comparison."""
+    library, package = ALLOCATORS[name]
+    if library is None:
+        return {}
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        if (Path(folder) / library).exists():
+            return {"LD_PRELOAD": str(Path(folder) / library)}
+    raise SystemExit(f"--allocator {name}: {library} is not installed; install it with `apt-get install {package}`.")
+
+
 def write_record(output: str, settings: dict, results: dict) -> dict:
     """Write `results` to `output` (JSON) with the command, commit, date, machine and torch version."""
     record = {

@@ -18,15 +18,16 @@ import os
 import statistics
 from pathlib import Path
 
-from _record import write_record
+from _record import ALLOCATORS, allocator_env, write_record
 from pool_memory import PoolWorker
 
 
 HERE = Path(__file__).resolve().parent
 
 
-def start(method: str, checkout: str, settings: dict) -> PoolWorker:
-    return PoolWorker(method, settings, env=dict(os.environ, PYTHONPATH=checkout, HF_HUB_OFFLINE="1"))
+def start(method: str, checkout: str, settings: dict, allocator: str) -> PoolWorker:
+    env = dict(os.environ, PYTHONPATH=checkout, HF_HUB_OFFLINE="1", **allocator_env(allocator))
+    return PoolWorker(method, settings, env=env)
 
 
 def proc_counters(pid: int) -> dict:
@@ -47,14 +48,15 @@ def main() -> None:
     parser.add_argument("--pool", type=float, default=16.0)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc", help="the workers' allocator")
     parser.add_argument("--output", default="benchmarks/results/ab_checkouts.json")
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "pool")}
     settings.update(dtype="fp32", optimizer="fused")
     workers = {
-        "full": start("full", args.new, settings),
-        "new": start(args.method, args.new, settings),
-        "old": start(args.method, args.old, settings),
+        "full": start("full", args.new, settings, args.allocator),
+        "new": start(args.method, args.new, settings, args.allocator),
+        "old": start(args.method, args.old, settings, args.allocator),
     }
     names = list(workers)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -70,7 +72,11 @@ def main() -> None:
         ratios = [a / b for a, b in zip(times[name][args.warmup :], times["full"][args.warmup :], strict=True)]
         results[name].update(time_ratio=statistics.median(ratios), time_ratios=ratios)
         print(name, f"x{statistics.median(ratios):.3f}", results[name]["minor_faults"], "faults", flush=True)
-    write_record(args.output, {**settings, "method": args.method, "old": args.old, "new": args.new}, results)
+    write_record(
+        args.output,
+        {**settings, "method": args.method, "old": args.old, "new": args.new, "allocator": args.allocator},
+        results,
+    )
 
 
 if __name__ == "__main__":

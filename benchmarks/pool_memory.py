@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 import torch
 import train_step
-from _record import write_record
+from _record import ALLOCATORS, allocator_env, write_record
 
 
 METHODS = ("full", "lora_all_r8", "diff_pruning", "pool")
@@ -146,6 +147,12 @@ def main() -> None:
     parser.add_argument(
         "--alone", action="store_true", help="run the methods one after another without a reference (no ratios)"
     )
+    parser.add_argument(
+        "--allocator",
+        choices=list(ALLOCATORS),
+        default="glibc",
+        help="the workers' allocator (LD_PRELOAD; the default is glibc's heap)",
+    )
     parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
     args = parser.parse_args()
     BATCH_SHAPE = (args.batch_size, args.seq_len)
@@ -157,6 +164,7 @@ def main() -> None:
         train_step.worker(args)
         return
     torch.set_num_threads(args.threads)
+    os.environ.update(allocator_env(args.allocator))  # inherited by every worker started below
     settings = {
         k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool")
     }
@@ -174,6 +182,7 @@ def main() -> None:
         )
         results["pool"]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
     record = {**settings, "rounds": args.rounds, "warmup": args.warmup, "max_workers": args.max_workers}
+    record.update(allocator=args.allocator, LD_PRELOAD=os.environ.get("LD_PRELOAD"))
     write_record(args.output, record, results)
 
 
