@@ -376,6 +376,58 @@ def test_an_unsorted_pool_trains_as_the_same_pool_sorted(fixed_noise):
             torch.testing.assert_close(got, expected[order])
 
 
+def _weight_sized_saves(model, batch, shapes) -> list[tuple]:
+    """Backward of `model` on `batch`; the shapes of the tensors of `shapes` that autograd saved and that are no
+    parameter's storage (adapted weights kept from forward to backward)."""
+    saved = []
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in storages and tuple(tensor.shape) in shapes:
+            saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(**batch).loss
+    loss.backward()
+    return saved
+
+
+def test_regrowth_scores_keep_no_adapted_weight_alive_and_are_the_dense_stages():
+    # regrowth scores the base weights' gradients in eval mode; each linear layer rebuilds its adapted weight in
+    # backward instead of keeping one per layer alive from forward to backward (the model's size again)
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    randomise(model)
+    dense = dense_twin(model, case)
+    # 14 tokens, so that no activation has a weight's shape
+    batch = {key: value[:, :7] if key != "labels" else value for key, value in case.batch(2).items()}
+    weights = {key: p for key, p in base_parameters(model).items() if p.dim() == 2 and ".embeddings." not in key}
+    shapes = {shape for p in weights.values() for shape in (tuple(p.shape), tuple(p.shape[::-1]))}
+    grads = {}
+    for twin in (model, dense):
+        twin.eval()
+        twin.zero_grad()
+        params = dict(base_parameters(twin))
+        for param in params.values():
+            param.requires_grad_(True)
+        saved = _weight_sized_saves(twin, batch, shapes)
+        grads[twin is model] = ({k: p.grad.clone() for k, p in params.items()}, saved)
+    (pool_grads, pool_saved), (dense_grads, dense_saved) = grads[True], grads[False]
+    assert not pool_saved and len(dense_saved) >= len(weights)  # the generic path keeps one per linear layer
+    for key in base_parameters(model):
+        torch.testing.assert_close(pool_grads[key], dense_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    dense_layers = {n: m for n, m in dense.base_model.model.named_modules() if isinstance(m, DiffPruningLayer)}
+    for key, (state, name) in pool_states(model).items():
+        dense_state = dense_layers[key.rpartition(".")[0]].diff_pruning_state["default"]
+        positions = pool_positions(state, name)
+        for suffix in ("diff", "alpha"):
+            dense_grad = getattr(dense_state, f"{name}_{suffix}").grad.reshape(-1)[positions]
+            grad = getattr(state, f"{name}_{suffix}").grad
+            torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-7, msg=f"{key} {suffix}")
+
+
 def test_regrowth_with_no_closed_gate_changes_nothing():
     case = MODEL_CASES["bert"]
     model = pool_model(case)

@@ -90,10 +90,12 @@ def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: tor
 
 
 class _SparseDiffLinear(torch.autograd.Function):
-    """`F.linear(x, W + scatter(values_w), b + scatter(values_b))` for a frozen `W`, `b`.
+    """`F.linear(x, W + scatter(values_w), b + scatter(values_b))`.
 
-    Saves `x` and the (shared, frozen) base tensors only: the adapted weight is rebuilt in backward, which costs one
-    copy of the weight instead of keeping a second copy of every layer alive between forward and backward.
+    Saves `x` and the (shared) base tensors only: the adapted weight is rebuilt in backward, which costs one copy of
+    the weight instead of keeping a second copy of every layer alive between forward and backward. `W` and `b` are
+    frozen in training; where they require grad (scoring a candidate pool's regrowth, `candidates.py`) they get
+    the dense gradient, and the values theirs gathered from it.
     """
 
     @staticmethod
@@ -107,18 +109,26 @@ class _SparseDiffLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, weight_positions, weight_values, bias_positions = ctx.saved_tensors
-        grad_x = grad_weight_values = grad_bias_values = None
+        needs = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = grad_weight_values = grad_bias_values = None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
             grad_x = grad_out @ _with_diff(weight, weight_positions, weight_values)
-        if ctx.needs_input_grad[4]:
+        if needs[1]:
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            if needs[4]:
+                grad_weight_values = grad_weight.reshape(-1)[weight_positions].to(weight_values.dtype)
+        elif needs[4]:
             # sampled_addmm has no half-precision CPU kernel; the values are fp32 anyway
             x_2d = x.reshape(-1, x.shape[-1]).float()
             grad_weight_values = _sampled_weight_grad(grad_2d.float(), x_2d, weight_positions, weight.shape)
             grad_weight_values = grad_weight_values.to(weight_values.dtype)
-        if ctx.needs_input_grad[6]:
-            grad_bias_values = grad_2d.float().sum(0)[bias_positions].to(ctx.bias_values_dtype)
-        return grad_x, None, None, None, grad_weight_values, None, grad_bias_values
+        if needs[2] or needs[6]:
+            grad_bias_sum = grad_2d.float().sum(0)
+            grad_bias = grad_bias_sum.to(grad_out.dtype) if needs[2] else None
+            if needs[6]:
+                grad_bias_values = grad_bias_sum[bias_positions].to(ctx.bias_values_dtype)
+        return grad_x, grad_weight, grad_bias, None, grad_weight_values, None, grad_bias_values
 
 
 def sparse_diff_linear(
@@ -128,7 +138,8 @@ def sparse_diff_linear(
     weight_diff: tuple[torch.Tensor, torch.Tensor] | None,
     bias_diff: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Linear layer with sparse diffs `(positions, values)` on its weight and/or bias; gradients reach the values."""
+    """Linear layer with sparse diffs `(positions, values)` on its weight and/or bias; gradients reach the values
+    (and the base weight and bias where they require grad)."""
     weight_positions, weight_values = weight_diff or (None, None)
     bias_positions, bias_values = bias_diff or (None, None)
     return _SparseDiffLinear.apply(x, weight, bias, weight_positions, weight_values, bias_positions, bias_values)

@@ -617,14 +617,18 @@ class GenericLayer(WrappedModule):
     the adapted weight in backward instead of keeping it alive from forward to backward.
     """
 
+    @staticmethod
+    def _plain_linear(base: nn.Module, states: list[DiffState], x: torch.Tensor) -> bool:
+        """Whether the autograd functions of `functional.py` can compute this forward: an `nn.Linear` with one
+        active adapter, outside autocast."""
+        return type(base) is nn.Linear and len(states) == 1 and not torch.is_autocast_enabled(x.device.type)
+
     def _adapted_forward(self, states: list[DiffState], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         training = (
             self.training
-            and type(base) is nn.Linear
-            and len(states) == 1
-            and not torch.is_autocast_enabled(x.device.type)
-            # the autograd functions give the frozen base weights no gradient
+            and self._plain_linear(base, states, x)
+            # the training forwards give the frozen base weights no gradient
             and not any(param.requires_grad for param in base._parameters.values() if param is not None)
         )
         state = states[0]
@@ -636,8 +640,13 @@ class GenericLayer(WrappedModule):
                 if name in state.tensor_names
             }
             return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
-        if training and all(is_pool(state, name) for name in state.tensor_names):
+        pooled = all(is_pool(state, name) for name in state.tensor_names)
+        if training and pooled:
             return pool_linear(state, x, base)
+        if pooled and not self.training and torch.is_grad_enabled() and self._plain_linear(base, states, x):
+            # gradients in eval mode (scoring a regrowth, candidates.py): the deterministic gates, and the adapted
+            # weight rebuilt in backward instead of one kept alive per layer until then
+            return pool_linear(state, x, base, sample=False)
         gated = x.dtype == base.weight.dtype and "weight" in state.tensor_names
         if training and gated and not any(state.is_sparse(name) for name in state.tensor_names):
             diffs = {name: state.gate_inputs(name) for name in state.tensor_names}

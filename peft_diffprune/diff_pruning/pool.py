@@ -126,12 +126,14 @@ def pool_rows_delta(state, name: str, rows: torch.Tensor, sample: bool, group=No
     return out.index_add(0, flat, delta[used]).view(rows.numel(), dim)
 
 
-def pool_linear(state, x: torch.Tensor, base: nn.Linear) -> torch.Tensor:
-    """Training forward of a linear layer whose diffs are all pools: sampled gates, sparse weight gradient."""
+def pool_linear(state, x: torch.Tensor, base: nn.Linear, sample: bool = True) -> torch.Tensor:
+    """Forward of a linear layer whose diffs are all pools, with gradients: sampled gates (training) or the
+    deterministic ones (`sample=False`), the weight gradient at the pool's entries only unless the base weight
+    requires grad, the adapted weight rebuilt in backward."""
     diffs = {}
     for name in state.tensor_names:
         positions, order = sorted_pool(state, name)
-        diffs[name] = (positions, _in_order(state.gated_delta(name, sample=True), order))
+        diffs[name] = (positions, _in_order(state.gated_delta(name, sample=sample), order))
     return sparse_diff_linear(x, base.weight, base.bias, diffs.get("weight"), diffs.get("bias"))
 
 
