@@ -46,6 +46,20 @@ def allocator_env(name: str) -> dict:
     raise SystemExit(f"--allocator {name}: {library} is not installed; install it with `apt-get install {package}`.")
 
 
+def release_free_memory() -> None:
+    """Hand freed memory back to the system with whichever allocator this process runs (`allocator_env`): glibc's
+    `malloc_trim`, tcmalloc's `MallocExtension_ReleaseFreeMemory`, or jemalloc's purge of every arena."""
+    import ctypes
+
+    process = ctypes.CDLL(None)
+    if hasattr(process, "MallocExtension_ReleaseFreeMemory"):
+        process.MallocExtension_ReleaseFreeMemory()
+    elif hasattr(process, "mallctl"):
+        process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))  # MALLCTL_ARENAS_ALL
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def write_record(output: str, settings: dict, results: dict) -> dict:
     """Write `results` to `output` (JSON) with the command, commit, date, machine and torch version."""
     record = {

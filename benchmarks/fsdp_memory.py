@@ -3,7 +3,7 @@
 For each method (full fine-tuning, the gated stage) and each round, one single-process run and one 2-rank FSDP2 run
 (torchrun, gloo, `fully_shard` on each encoder layer, on the embeddings and on the root; each rank takes half of
 every batch, so the two runs train on the same global batches) take turns. Each process builds its model in full,
-shards it, frees what sharding left behind (`gc`, `malloc_trim`), then counts its peak RSS over each phase of each
+shards it, frees what sharding left behind (`gc`, `malloc_trim` or the `--allocator`'s own call), then counts its peak RSS over each phase of each
 training step (forward, backward, optimizer; `/proc/self/clear_refs` at the start of each, as train_step.py does),
 so that the peak covers the training steps only, the warm-up step and the timed ones, and says in which phase it is. A ratio is a rank's peak over the single process's peak in the same round (the larger of the two
 ranks, and the median over rounds).
@@ -20,7 +20,6 @@ system, so that the peak RSS comes close to the peak of live bytes.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import write_record
+from _record import ALLOCATORS, allocator_env, release_free_memory, write_record
 from train_step import build, make_batches, make_optimizer, reset_peak_rss, status_mib
 
 
@@ -100,7 +99,7 @@ def worker(args) -> None:
     ]
     model.train()
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what the unsharded model left, as loading shards would
+    release_free_memory()  # hand back what the unsharded model left, as loading shards would
     rss_before = status_mib("VmRSS")
     times, phases = [], []
     for step in range(args.warmup + args.steps):
@@ -130,6 +129,7 @@ def run(method: str, processes: int, args) -> list[dict]:
             + [__file__, "--worker", f"--method={method}", f"--out_dir={out_dir}", f"--warmup={args.warmup}"]
             + settings,
             check=True,
+            env=dict(os.environ, **allocator_env(args.allocator)),
         )
         return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(processes)]
 
@@ -151,6 +151,7 @@ def main() -> None:
         "--rows", action="store_true", help="shard the gated stage's word embedding by rows (shard_embedding_rows)"
     )
     parser.add_argument("--units", choices=("layer", "sublayer"), default="layer", help="FSDP2 units (see shard)")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc", help="the ranks' allocator")
     parser.add_argument("--output", default="benchmarks/results/fsdp_memory.json")
     args = parser.parse_args()
     if args.worker:
@@ -164,6 +165,7 @@ def main() -> None:
     settings["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     # gates drawn again in backward instead of kept: under FSDP every rank keeps the gates of whole tensors
     settings["PEFT_DIFFPRUNE_REDRAW_GATES"] = os.environ.get("PEFT_DIFFPRUNE_REDRAW_GATES")
+    settings["allocator"] = args.allocator
     runs = {method: {"single": [], "fsdp2": []} for method in args.methods}
     for round_index in range(args.rounds):
         for method in args.methods:
