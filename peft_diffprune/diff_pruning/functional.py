@@ -114,14 +114,17 @@ class _SparseDiffLinear(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         if needs[0]:
             grad_x = grad_out @ _with_diff(weight, weight_positions, weight_values)
+        x_2d = x.reshape(-1, x.shape[-1])
         if needs[1]:
-            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-            if needs[4]:
-                grad_weight_values = grad_weight.reshape(-1)[weight_positions].to(weight_values.dtype)
-        elif needs[4]:
-            # sampled_addmm has no half-precision CPU kernel; the values are fp32 anyway
-            x_2d = x.reshape(-1, x.shape[-1]).float()
-            grad_weight_values = _sampled_weight_grad(grad_2d.float(), x_2d, weight_positions, weight.shape)
+            grad_weight = grad_2d.t() @ x_2d
+        if needs[4]:
+            if grad_weight is not None and grad_weight.dtype == torch.float32:
+                grad_weight_values = grad_weight.reshape(-1)[weight_positions]
+            else:
+                # sampled_addmm has no half-precision CPU kernel; the values are fp32 anyway
+                grad_weight_values = _sampled_weight_grad(
+                    grad_2d.float(), x_2d.float(), weight_positions, weight.shape
+                )
             grad_weight_values = grad_weight_values.to(weight_values.dtype)
         if needs[2] or needs[6]:
             grad_bias_sum = grad_2d.float().sum(0)
