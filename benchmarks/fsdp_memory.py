@@ -3,10 +3,11 @@
 For each method (full fine-tuning, the gated stage) and each round, one single-process run and one 2-rank FSDP2 run
 (torchrun, gloo, `fully_shard` on each encoder layer, on the embeddings and on the root; each rank takes half of
 every batch, so the two runs train on the same global batches) take turns. Each process builds its model in full,
-shards it, frees what sharding left behind (`gc`, `malloc_trim` or the `--allocator`'s own call), then counts its peak RSS over each phase of each
-training step (forward, backward, optimizer; `/proc/self/clear_refs` at the start of each, as train_step.py does),
-so that the peak covers the training steps only, the warm-up step and the timed ones, and says in which phase it is. A ratio is a rank's peak over the single process's peak in the same round (the larger of the two
-ranks, and the median over rounds).
+shards it, frees what sharding left behind (`gc`, then `malloc_trim` or the `--allocator`'s own call), then counts
+its peak RSS over each phase of each training step (forward, backward, optimizer; `/proc/self/clear_refs` at the
+start of each, as train_step.py does), so that the peak covers the training steps only, the warm-up step and the
+timed ones, and says in which phase it is. A ratio is a rank's peak over the single process's peak in the same
+round (the larger of the two ranks, and the median over rounds).
 
 With `MALLOC_MMAP_THRESHOLD_` set (recorded in the settings), glibc hands every freed block above it back to the
 system, so that the peak RSS comes close to the peak of live bytes.
