@@ -253,7 +253,14 @@ def check_gate_fill() -> None:
     project_to_sparsity(sharded, 0.8, fill="gate")
     ref_sparse, sparse = adapter_state(ref), adapter_state(sharded)
     assert set(ref_sparse) == set(sparse), set(ref_sparse) ^ set(sparse)
-    record("fsdp2/gate_fill", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse))
+    values = [k for k in sparse if k.endswith("_values")]
+    record("fsdp2/gate_fill", max(max_diff(ref_sparse[k], sparse[k]) for k in sparse if k not in values))
+    # a kept value is z * w, and a shard of a small tensor can fall in the scalar tail of torch's vectorised sigmoid
+    # where the whole tensor does not (AVX2: tensors under 16 entries): the values agree to an ulp or so
+    record(
+        "fsdp2/gate_fill/values",
+        max(max_diff(ref_sparse[k], sparse[k]) / ref_sparse[k].abs().max().item() for k in values),
+    )
 
 
 def noise_of_logit(alpha: torch.Tensor) -> torch.Tensor:
