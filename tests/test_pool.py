@@ -409,7 +409,7 @@ def test_regrowth_scores_keep_no_adapted_weight_alive_and_are_the_dense_stages()
     for twin in (model, dense):
         twin.eval()
         twin.zero_grad()
-        params = dict(base_parameters(twin))
+        params = base_parameters(twin)
         for param in params.values():
             param.requires_grad_(True)
         saved = _weight_sized_saves(twin, batch, shapes)
