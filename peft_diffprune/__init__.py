@@ -11,6 +11,7 @@ from .diff_pruning import (
     project_to_sparsity,
     regrow_pool,
     select_pool,
+    selective_checkpointing,
     shard_embedding_rows,
     sparsity_report,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "project_to_sparsity",
     "regrow_pool",
     "select_pool",
+    "selective_checkpointing",
     "shard_embedding_rows",
     "sparsity_report",
     "stage_scheduler",

@@ -17,6 +17,7 @@ from peft import PeftModel, get_peft_model
 
 from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, select_pool
 from peft_diffprune.diff_pruning import candidates, gates
+from peft_diffprune.diff_pruning import sparse as sparse_module
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 from peft_diffprune.diff_pruning.pool import is_pool, pool_positions, sorted_pool
 from peft_diffprune.diff_pruning.sparse import _top_positions, base_parameter_count
@@ -279,6 +280,43 @@ def test_pruning_the_running_top_keeps_the_best_pairs_ties_to_the_first(size):
         assert torch.equal(running.scores[key], flat_scores[expected])
         if 0 < size < flat_scores.numel():
             assert running.thresholds[key] == flat_scores[keep].min()
+
+
+def _topk_positions(magnitudes, k):
+    """`_top_positions` by `torch.topk` alone: the reference for the bisection."""
+    threshold = torch.topk(magnitudes, k, sorted=False).values.min()
+    above = (magnitudes > threshold).nonzero().squeeze(1)
+    at = (magnitudes == threshold).nonzero().squeeze(1)[: k - above.numel()]
+    return torch.cat([above, at]).sort().values
+
+
+@pytest.mark.parametrize("k", [1, 5, 64, 333, 999])
+@pytest.mark.parametrize("signs", ["non-negative", "mixed", "negative"])
+def test_top_positions_by_bisection_are_topks(monkeypatch, k, signs):
+    # large tensors find the k-th largest by bisection on the order of fp32 values (no topk workspace, 16 bytes per
+    # entry): the same positions as topk, with ties, signed zeros, infinities and projection's negative keys
+    monkeypatch.setattr(sparse_module, "BISECTION_MIN_ENTRIES", 1)
+    generator = torch.Generator().manual_seed(k)
+    values = torch.randint(-8, 9, (1000,), generator=generator).float() / 8
+    values[:3] = torch.tensor([float("inf"), -float("inf"), -0.0])
+    values[3:10] = torch.randn(7, generator=generator) * 1e-30  # subnormals and tiny values around zero
+    values = {"non-negative": values.abs(), "mixed": values, "negative": -values.abs() - 1e-3}[signs]
+    assert torch.equal(_top_positions(values, k), _topk_positions(values, k))
+    assert sparse_module._kth_largest([values[:400], values[400:]], k) == values.sort(descending=True).values[k - 1]
+    with_nan = values.clone()
+    with_nan[500] = float("nan")  # never chosen while there are k numbers (topk's threshold would be the NaN)
+    assert sparse_module._kth_largest([with_nan], 1000) is None
+    assert torch.equal(_top_positions(with_nan, k), _topk_positions(with_nan.nan_to_num(nan=-float("inf")), k))
+
+
+def test_a_nan_gradient_fails_choosing_the_pool_clearly():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    batch = case.batch(1)
+    with torch.no_grad():
+        model.get_base_model().bert.embeddings.word_embeddings.weight[batch["input_ids"][0, 0]] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        select_pool(model, [batch])
 
 
 def test_regrowth_replaces_closed_entries_keeps_the_pool_sorted_and_never_grows_it():

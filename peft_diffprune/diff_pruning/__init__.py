@@ -1,4 +1,5 @@
 from .candidates import regrow_pool, select_pool
+from .checkpointing import selective_checkpointing
 from .config import DiffPruningConfig
 from .distributed import gather_adapter_state_dict
 from .gates import deterministic_gate, hard_concrete_delta
@@ -20,6 +21,7 @@ __all__ = [
     "project_to_sparsity",
     "regrow_pool",
     "select_pool",
+    "selective_checkpointing",
     "shard_embedding_rows",
     "sparsity_report",
 ]

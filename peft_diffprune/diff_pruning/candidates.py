@@ -19,30 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpointing import checkpointing_in_eval
 from .gates import deterministic_gate
 from .layer import DiffState
 from .model import get_tuner
 from .pool import add_pool, is_pool, pool_positions
-from .sparse import _top_positions, base_parameter_count
+from .sparse import _kth_largest, _top_positions, base_parameter_count
 
 
 def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
-
-
-def _kth_largest(scores: list[torch.Tensor], k: int) -> float:
-    """The `k`-th largest of the non-negative `scores` of several tensors together (`1 <= k <= their count`),
-    found by bisection on the floats' bit patterns (ordered as the values are, for non-negative floats): 31 counting
-    passes over the tensors as they are, instead of a concatenated copy and `topk`'s values, indices and sort."""
-    bits = [score.view(torch.int32) for score in scores]
-    low, high = 0, 0x7F800000  # count(>= low) >= k; count(>= high + 1) < k (infinity is the largest score)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if sum(int((b >= middle).sum()) for b in bits) >= k:
-            low = middle
-        else:
-            high = middle - 1
-    return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
 
 
 class _RunningTop:
@@ -65,6 +51,12 @@ class _RunningTop:
 
     def add(self, key: str, grad: torch.Tensor) -> None:
         scores = grad.detach().reshape(-1).abs().float()
+        if bool(scores.isnan().any()):
+            raise ValueError(
+                f"The task loss's gradient with respect to {key!r} has NaN entries, so no candidate pool can be "
+                "ranked: choose or regrow the pool from batches whose loss and gradients are finite (check the "
+                "inputs, the labels and the model's weights)."
+            )
         excluded = self.exclude.get(key)
         if excluded is not None:
             scores[excluded] = 0.0
@@ -72,7 +64,7 @@ class _RunningTop:
         known_scores = self.scores[key].to(scores.device) + scores[known]
         scores[known] = 0.0
         # the best `size` first, then those above the threshold: O(size) indices, never one per entry of the tensor
-        new = _top_positions(scores, self.sizes[key])
+        new = _top_positions(scores, self.sizes[key], sort=False)
         new = new[scores[new] > self.thresholds[key]]
         index_dtype = torch.int32 if scores.numel() < 2**31 else torch.int64
         self.positions[key] = torch.cat([known, new.to(index_dtype)]).cpu()
@@ -88,7 +80,7 @@ class _RunningTop:
         if sum(self.scores[key].numel() for key in keys) <= size:
             return
         threshold = _kth_largest([self.scores[key] for key in keys], size) if size else float("inf")
-        ties = size - sum(int((self.scores[key] > threshold).sum()) for key in keys)
+        ties = size - sum(int(torch.count_nonzero(self.scores[key] > threshold)) for key in keys)
         for key in keys:
             scores = self.scores[key]
             keep = scores > threshold
@@ -110,7 +102,9 @@ class _RunningTop:
 
 def _score(model: nn.Module, tensors: dict[str, nn.Parameter], batches, running: _RunningTop, loss_fn) -> None:
     """Add `|d loss / d theta|` of every tensor in `tensors` for each batch to `running`, in eval mode (no dropout:
-    the scores, and so the pool, depend on the batches only); no other gradient is accumulated."""
+    the scores, and so the pool, depend on the batches only); no other gradient is accumulated. Layers with
+    transformers' gradient checkpointing on checkpoint here too (`checkpointing_in_eval`), so scoring takes no more
+    activation memory than a training step."""
     params = list(tensors.values())
     flags = [param.requires_grad for param in params]
     handles = []
@@ -128,8 +122,9 @@ def _score(model: nn.Module, tensors: dict[str, nn.Parameter], batches, running:
     training = model.training
     model.eval()
     try:
-        for batch in batches:
-            torch.autograd.backward(loss_fn(model, batch), inputs=params)
+        with checkpointing_in_eval(model):
+            for batch in batches:
+                torch.autograd.backward(loss_fn(model, batch), inputs=params)
     finally:
         model.train(training)
         for handle in handles:
@@ -214,7 +209,7 @@ def select_pool(
             add_pool(state, name, param, chosen[key].numel(), config, positions=chosen[key], dtype=dtype)
     for layer in tuner.diff_layers().values():
         if id(layer) in states:
-            layer.diff_pruning_state[adapter_name] = states[id(layer)]
+            layer.diff_pruning_state[adapter_name] = states[id(layer)].train(layer.training)
             layer._eval_cache = None
             layer.set_adapter(layer.active_adapters, inference_mode=config.inference_mode)
     config.pool_pattern = {key: chosen[key].numel() for key in entries if chosen[key].numel()}
