@@ -37,18 +37,33 @@ WHOLE_TRANSPOSES = "pool_whole_transposes"
 #: The pool with `sampled_addmm` for every sampled weight gradient, whatever the density (the code before
 #: `functional.DENSE_PRODUCT_DENSITY`): for an A/B of the kernel rule in one run.
 SAMPLED_ONLY = "pool_sampled_addmm"
-#: Suffix of a method trained with the model's activation checkpointing (`gradient_checkpointing_enable()`, after
-#: choosing the pool): what it takes for BERT-base's 0.60x, since full fine-tuning's activations alone are 0.3x.
+#: Suffixes of a method trained with the model's activation checkpointing, enabled before choosing a pool (which
+#: then checkpoints too): `_checkpointed` recomputes each layer whole (`gradient_checkpointing_enable()`),
+#: `_selective` keeps the matrix products and recomputes the rest (`peft_diffprune.selective_checkpointing()`).
+#: Full fine-tuning's activations alone are 0.3x its peak on BERT-base: the pool needs one of them for 0.60x.
 CHECKPOINTED = "_checkpointed"
+SELECTIVE = "_selective"
 _build = train_step.build
+
+
+def checkpointing_kwargs(method: str) -> tuple[str, dict | None]:
+    """`(method without its checkpointing suffix, gradient_checkpointing_kwargs or None for no checkpointing)`."""
+    from peft_diffprune import selective_checkpointing
+
+    if method.endswith(CHECKPOINTED):
+        return method.removesuffix(CHECKPOINTED), {"use_reentrant": False}
+    if method.endswith(SELECTIVE):
+        return method.removesuffix(SELECTIVE), selective_checkpointing()
+    return method, None
 
 
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
     """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
-    `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`, and any method with the suffix `CHECKPOINTED`)."""
-    if method.endswith(CHECKPOINTED):
-        model, optimizer = build(method.removesuffix(CHECKPOINTED), model_name, dtype, optimizer, pool)
-        model.gradient_checkpointing_enable()
+    `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`, and any method with the suffix `CHECKPOINTED` or `SELECTIVE`)."""
+    method, checkpointing = checkpointing_kwargs(method)
+    if checkpointing is not None and method != "pool":
+        model, optimizer = build(method, model_name, dtype, optimizer, pool)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         return model, optimizer
     if method in (WHOLE_TRANSPOSES, SAMPLED_ONLY):
         from peft_diffprune.diff_pruning import functional
@@ -67,6 +82,8 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
     model = train_step.load_base(model_name, dtype)
     config = DiffPruningConfig(task_type="SEQ_CLS", candidate_pool=pool, pool_score_batches=2)
     model = get_peft_model(model, config, autocast_adapter_dtype=dtype == "fp32")
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     select_pool(model, train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE))
     return model, train_step.make_optimizer(param_groups(model, lr=1e-5, alpha_lr=0.1), optimizer)
 
@@ -89,7 +106,7 @@ def one_off_costs(args) -> None:
     from peft_diffprune import regrow_pool
 
     torch.set_num_threads(args.threads)
-    model, optimizer = build("pool", args.model, args.dtype, args.optimizer, args.pool)
+    model, optimizer = build(args.method or "pool", args.model, args.dtype, args.optimizer, args.pool)
     selection_peak = train_step.status_mib("VmHWM")
     batches = train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE)
     model.train()
@@ -136,7 +153,12 @@ def main() -> None:
         "--methods",
         nargs="+",
         default=list(METHODS),
-        choices=[*METHODS, WHOLE_TRANSPOSES, SAMPLED_ONLY, *(m + CHECKPOINTED for m in METHODS)],
+        choices=[
+            *METHODS,
+            WHOLE_TRANSPOSES,
+            SAMPLED_ONLY,
+            *(m + x for m in METHODS for x in (CHECKPOINTED, SELECTIVE)),
+        ],
     )
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -183,14 +205,27 @@ def main() -> None:
         results = {method: alone(method, settings, args.rounds, args.warmup) for method in args.methods}
     else:
         results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
-    if "pool" in args.methods:
+    for method in args.methods:
+        if checkpointing_kwargs(method)[0] != "pool":
+            continue
         one_off = subprocess.run(
-            [sys.executable, __file__, "--one_off", *[f"--{k}={v}" for k, v in settings.items()]],
+            [
+                sys.executable,
+                __file__,
+                "--one_off",
+                f"--method={method}",
+                *[f"--{k}={v}" for k, v in settings.items()],
+            ],
             capture_output=True,
             text=True,
             check=True,
         )
-        results["pool"]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
+        results[method]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
+        # the gated stage's peak: choosing the pool (the one-off worker's) or training it, whichever is higher
+        stage_peak = max(results[method]["peak_rss_mib"], results[method]["one_off"]["selection_peak_rss_mib"])
+        results[method]["stage_peak_rss_mib"] = stage_peak
+        if "full" in results:
+            results[method]["stage_peak_rss_ratio"] = stage_peak / results["full"]["peak_rss_mib"]
     record = {**settings, "rounds": args.rounds, "warmup": args.warmup, "max_workers": args.max_workers}
     record.update(allocator=args.allocator, LD_PRELOAD=os.environ.get("LD_PRELOAD"))
     write_record(args.output, record, results)
