@@ -221,8 +221,11 @@ def main() -> None:
             check=True,
         )
         results[method]["one_off"] = json.loads(one_off.stdout.strip().splitlines()[-1])
-        # the gated stage's peak: choosing the pool (the one-off worker's) or training it, whichever is higher
-        stage_peak = max(results[method]["peak_rss_mib"], results[method]["one_off"]["selection_peak_rss_mib"])
+        # the gated stage's peak: choosing the pool, training it or regrowing it, whichever is highest
+        one_off = results[method]["one_off"]
+        stage_peak = max(
+            results[method]["peak_rss_mib"], one_off["selection_peak_rss_mib"], one_off["peak_rss_after_regrow_mib"]
+        )
         results[method]["stage_peak_rss_mib"] = stage_peak
         if "full" in results:
             results[method]["stage_peak_rss_ratio"] = stage_peak / results["full"]["peak_rss_mib"]

@@ -52,6 +52,7 @@ from peft_diffprune import (
     sparsity_report,
     stage_scheduler,
 )
+from peft_diffprune.diff_pruning.checkpointing import CHECKPOINTING_MODES, enable_checkpointing
 from peft_diffprune.recipe.baselines import BUILDERS, DEFAULT_LEARNING_RATES, DIFF_PLACEMENTS, STAGES, WEIGHTS_FILES
 from peft_diffprune.recipe.glue import GLUE_TASKS, evaluate_glue, get_glue_task, label_maps, load_glue, tokenize_glue
 from peft_diffprune.recipe.hub import packaged_minilm_path
@@ -117,6 +118,13 @@ def parse_args():
         default=None,
         help="Gate only a pool of candidate entries, this many times the budget (e.g. 4), chosen from the task "
         "loss's gradients on the first batches: the gated stage's memory then grows with the budget.",
+    )
+    parser.add_argument(
+        "--activation_checkpointing",
+        choices=CHECKPOINTING_MODES,
+        default="none",
+        help="Recompute activations in backward: 'full' recomputes each layer, 'selective' keeps the matrix "
+        "products and recomputes the elementwise rest (less memory at about the same speed; docs/training.md).",
     )
     parser.add_argument(
         "--pool_regrow_steps",
@@ -364,7 +372,9 @@ def main():
     def load_base_model():
         # the task's label names go into the config, so that the saved model answers "entailment", not "LABEL_0"
         head = {} if has_head else {"num_labels": task.num_labels}
-        return AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head, **label_maps(task))
+        model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head, **label_maps(task))
+        enable_checkpointing(model, args.activation_checkpointing)  # before the pool is chosen: it checkpoints too
+        return model
 
     collator = DataCollatorWithPadding(tokenizer)
     train_dataloader = DataLoader(

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_diffprune import DiffPruningConfig, select_pool, selective_checkpointing
-from peft_diffprune.diff_pruning.checkpointing import checkpointed_layers
+from peft_diffprune.diff_pruning.checkpointing import checkpointed_layers, enable_checkpointing
 from peft_diffprune.diff_pruning.pool import pool_positions
 
 
@@ -130,3 +130,19 @@ def test_choosing_a_pool_checkpoints_its_layers_in_eval_mode(model_name, mode, t
     assert chosen[mode].keys() == chosen[None].keys()
     for key, positions in chosen[mode].items():
         assert torch.equal(positions, chosen[None][key]), key
+
+
+def test_enable_checkpointing_modes():
+    case = MODEL_CASES["bert"]
+    for mode, context in (("full", None), ("selective", selective_checkpointing()["context_fn"])):
+        model = pool_model(case)
+        enable_checkpointing(model, mode)
+        layers = checkpointed_layers(model)
+        assert len(layers) == case.model().config.num_hidden_layers
+        assert layers[0]._gradient_checkpointing_func.keywords.get("context_fn") is context
+        assert layers[0]._gradient_checkpointing_func.keywords["use_reentrant"] is False
+    model = pool_model(case)
+    enable_checkpointing(model, "none")
+    assert not checkpointed_layers(model)
+    with pytest.raises(ValueError, match="selective"):
+        enable_checkpointing(model, "partial")

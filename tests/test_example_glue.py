@@ -581,6 +581,20 @@ def test_diff_pruning_over_a_candidate_pool(runs, tiny_model, eval_batch):
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
+def test_selective_checkpointing_of_a_pool_run_changes_no_number(runs, tiny_model, eval_batch):
+    """--activation_checkpointing selective: the pool is chosen and trained with its layers checkpointed (both
+    recompute the same values: no dropout here, the gates drawn again from the same state), so the run's
+    metrics, kept entries and saved adapter are those of the same run without it."""
+    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
+    reference = load_results(runs("candidate_pool", pool_args))
+    output_dir = runs("candidate_pool_selective", [*pool_args, "--activation_checkpointing", "selective"])
+    results = load_results(output_dir)
+    assert results["kept"] == reference["kept"]
+    for name, value in reference["metrics"].items():
+        assert results["metrics"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
 def test_penalty_until_target_reaches_the_config(runs):
     """--penalty_until_target: the gated stage's config carries it (and so does the saved adapter's); with every gate
     open and a budget of all entries, no step adds a penalty, so the logged L0 term is 0 throughout."""

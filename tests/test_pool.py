@@ -667,6 +667,44 @@ def test_trainer_resumes_a_gated_pool_checkpoint_as_the_uninterrupted_run(tmp_pa
         torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
 
 
+def test_trainer_checkpoints_choosing_the_pool_as_its_arguments_ask(tmp_path):
+    # `Trainer.train` turns activation checkpointing on after the recipe chose the pool; the recipe turns it on
+    # first, so that scoring checkpoints too, and the run (no dropout here) saves the adapter of the run without it
+    import transformers
+    from safetensors.torch import load_file
+
+    from peft_diffprune import selective_checkpointing
+    from peft_diffprune.diff_pruning.checkpointing import checkpointed_layers
+
+    reference = pool_trainer(tmp_path / "a", save_strategy="no")
+    reference.train()
+    reference.save_model()
+    name = "activation_checkpointing" if hasattr(transformers.TrainingArguments, "activation_checkpointing") else None
+    name = name or "gradient_checkpointing"
+    trainer = pool_trainer(
+        tmp_path / "b", save_strategy="no", **{name: True, f"{name}_kwargs": selective_checkpointing()}
+    )
+    scored_checkpointed = []
+    score = candidates._score
+
+    def spy(model, *rest):
+        scored_checkpointed.append(len(checkpointed_layers(model)))
+        return score(model, *rest)
+
+    candidates._score = spy
+    try:
+        trainer.train()
+    finally:
+        candidates._score = score
+    trainer.save_model()
+    layers = MODEL_CASES["bert"].model().config.num_hidden_layers
+    assert scored_checkpointed and scored_checkpointed[0] == layers  # choosing the pool; regrowths after it
+    expected, got = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-5, atol=1e-7, msg=key)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict[str, float]:
     out_dir = tmp_path_factory.mktemp("pool_ranks")

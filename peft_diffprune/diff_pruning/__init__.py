@@ -1,5 +1,5 @@
 from .candidates import regrow_pool, select_pool
-from .checkpointing import selective_checkpointing
+from .checkpointing import enable_checkpointing, selective_checkpointing
 from .config import DiffPruningConfig
 from .distributed import gather_adapter_state_dict
 from .gates import deterministic_gate, hard_concrete_delta
@@ -13,6 +13,7 @@ __all__ = [
     "DiffPruningModel",
     "SparsityReport",
     "deterministic_gate",
+    "enable_checkpointing",
     "expected_l0",
     "from_finetuned",
     "gather_adapter_state_dict",

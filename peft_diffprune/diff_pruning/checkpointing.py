@@ -109,3 +109,24 @@ class checkpointing_in_eval:  # noqa: N801 (a context manager, named as torch's 
         for config in self.configs:
             config.use_cache = True
         return False
+
+
+#: What `enable_checkpointing` (and `examples/glue.py --activation_checkpointing`) accepts.
+CHECKPOINTING_MODES = ("none", "full", "selective")
+
+
+def enable_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Turn on transformers' activation checkpointing of `model` (a transformers model or a `PeftModel` of one):
+    `"full"` recomputes each layer whole (non-reentrant), `"selective"` keeps the products
+    ([`selective_checkpointing`]); `"none"` leaves the model as it is. Before [`select_pool`], so that choosing the
+    pool checkpoints too."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"Unknown activation checkpointing {mode!r}: choose one of {', '.join(CHECKPOINTING_MODES)}.")
+    if mode == "none":
+        return
+    kwargs = selective_checkpointing() if mode == "selective" else {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24; the older name before
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
