@@ -483,12 +483,17 @@ def test_gradient_checkpointing_trains_the_pool_as_without_it(model_name, use_re
         torch.manual_seed(0)
         loss = state_grads(model, case.batch())
         grads.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (loss, reference), (checkpointed_loss, checkpointed) = grads
-    torch.testing.assert_close(checkpointed_loss, loss)
-    assert checkpointed.keys() == reference.keys()
-    for name, grad in checkpointed.items():
+    assert_same_step(*grads)
+
+
+def assert_same_step(reference: tuple, other: tuple) -> None:
+    """Two `(loss, {name: grad})` of a training step agree: the same loss, gradients for the same parameters."""
+    (loss, reference_grads), (other_loss, grads) = reference, other
+    torch.testing.assert_close(other_loss, loss)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
         assert grad is not None, name
-        torch.testing.assert_close(grad, reference[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_regrowth_with_no_closed_gate_changes_nothing():
