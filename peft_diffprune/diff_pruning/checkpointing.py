@@ -124,9 +124,14 @@ def enable_checkpointing(model: torch.nn.Module, mode: str) -> None:
         raise ValueError(f"Unknown activation checkpointing {mode!r}: choose one of {', '.join(CHECKPOINTING_MODES)}.")
     if mode == "none":
         return
-    kwargs = selective_checkpointing() if mode == "selective" else {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24; the older name before
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
+    checkpoint_layers(model, selective_checkpointing() if mode == "selective" else {"use_reentrant": False})
+
+
+def checkpoint_layers(model: torch.nn.Module, kwargs: dict | None, every_n_layers: int = 1, offload: bool = False):
+    """transformers' `activation_checkpointing_enable` (5.24 on), or `gradient_checkpointing_enable` before it (which
+    has no `every_n_layers` or `offload`), with `kwargs` for `torch.utils.checkpoint.checkpoint`."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        options = {"every_n_layers": every_n_layers, "offload": offload}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

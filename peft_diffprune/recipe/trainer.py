@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..diff_pruning.checkpointing import checkpoint_layers
 from ..diff_pruning.sparse import project_to_sparsity
 from .optim import OptimizerInBackward, unwrap_optimizer
 from .pool import PoolRegrowth, choose_pool
@@ -204,12 +205,6 @@ class DiffPruningTrainerMixin:
 
     # the two stages
 
-    def _pool_needed(self) -> bool:
-        from .pool import pool_config
-
-        config = pool_config(self.model)
-        return config is not None and not config.pool_pattern
-
     def _enable_checkpointing(self) -> None:
         """Turn on the activation checkpointing the training arguments ask for, as `Trainer.train` does, so that
         choosing a candidate pool checkpoints too (e.g. `activation_checkpointing_kwargs=selective_checkpointing()`)."""
@@ -222,11 +217,7 @@ class DiffPruningTrainerMixin:
             return
         kwargs = dict(kwargs or {})
         every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
-        if hasattr(self.model, "activation_checkpointing_enable"):
-            options = {"every_n_layers": every_n_layers, "offload": offload}
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, **options)
-        else:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+        checkpoint_layers(self.model, kwargs or None, every_n_layers, offload)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         root = self.args.output_dir
@@ -241,8 +232,7 @@ class DiffPruningTrainerMixin:
             if self.stage == "gated":
                 self.args.output_dir = os.path.join(root, "gated")
                 # before the optimizer and the DDP wrapper are made: the pool's parameters are new
-                if self._pool_needed():
-                    self._enable_checkpointing()  # `Trainer.train` would turn it on only after the pool is chosen
+                self._enable_checkpointing()  # `Trainer.train` would turn it on only after the pool is chosen
                 choose_pool(self.model, map(self._prepare_inputs, self.get_train_dataloader()))
                 output = super().train(resume_from_checkpoint=checkpoint, **kwargs)
                 self.stage_log_history["gated"] = self.state.log_history
