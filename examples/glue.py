@@ -45,6 +45,7 @@ from peft_diffprune import (
     DiffPruningConfig,
     LossTerms,
     clip_grad_norm_per_group,
+    enable_lean_activations,
     expected_l0,
     from_finetuned,
     param_groups,
@@ -126,6 +127,12 @@ def parse_args():
         help="Recompute activations in backward: 'full' recomputes each layer, 'selective' keeps the matrix "
         "products and recomputes the elementwise rest (BERT-base's 16x pool: 0.68x full fine-tuning's memory for "
         "1.1x its step time on CPU; docs/training.md).",
+    )
+    parser.add_argument(
+        "--lean_activations",
+        action="store_true",
+        help="Keep the saved activations that are cheap to rebuild (activation and layer norm outputs, dropout masks "
+        "and outputs) as recipes, bit for bit the same gradients, no forward recomputed (docs/training.md).",
     )
     parser.add_argument(
         "--pool_regrow_steps",
@@ -375,6 +382,8 @@ def main():
         head = {} if has_head else {"num_labels": task.num_labels}
         model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head, **label_maps(task))
         enable_checkpointing(model, args.activation_checkpointing)  # before the pool is chosen: it checkpoints too
+        if args.lean_activations:
+            enable_lean_activations(model)
         return model
 
     collator = DataCollatorWithPadding(tokenizer)

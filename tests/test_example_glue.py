@@ -595,6 +595,19 @@ def test_selective_checkpointing_of_a_pool_run_changes_no_number(runs, tiny_mode
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
+def test_lean_activations_of_a_pool_run_change_no_number(runs, tiny_model, eval_batch):
+    """--lean_activations: the pool is chosen and trained with its GELU and layer norm outputs and its masks saved as
+    recipes, which rebuild the same bits, so the run's metrics, kept entries and saved adapter are those of the same
+    run without it."""
+    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
+    reference = load_results(runs("candidate_pool", pool_args))
+    output_dir = runs("candidate_pool_lean", [*pool_args, "--lean_activations"])
+    results = load_results(output_dir)
+    assert results["kept"] == reference["kept"]
+    assert results["metrics"] == reference["metrics"]
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
 def test_penalty_until_target_reaches_the_config(runs):
     """--penalty_until_target: the gated stage's config carries it (and so does the saved adapter's); with every gate
     open and a budget of all entries, no step adds a penalty, so the logged L0 term is 0 throughout."""

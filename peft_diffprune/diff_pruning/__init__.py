@@ -1,3 +1,4 @@
+from .activations import disable_lean_activations, enable_lean_activations, lean_activations
 from .candidates import regrow_pool, select_pool
 from .checkpointing import enable_checkpointing, selective_checkpointing
 from .config import DiffPruningConfig
@@ -13,12 +14,15 @@ __all__ = [
     "DiffPruningModel",
     "SparsityReport",
     "deterministic_gate",
+    "disable_lean_activations",
     "enable_checkpointing",
+    "enable_lean_activations",
     "expected_l0",
     "from_finetuned",
     "gather_adapter_state_dict",
     "get_tuner",
     "hard_concrete_delta",
+    "lean_activations",
     "project_to_sparsity",
     "regrow_pool",
     "select_pool",

@@ -1,0 +1,225 @@
+"""Lean saved activations: keep what backward needs in fewer bytes, bit for bit, without checkpointing.
+
+Much of what autograd saves in a transformer layer is redundant: an activation function's output is saved (by the
+next linear layer) beside its input (saved by the activation's own backward); a layer norm's output beside its
+input, mean and inverse deviation; CPU dropout saves its mask as a float tensor of zeros and `1 / (1 - p)`, and the
+attention probabilities after dropout beside the probabilities and that mask. [`lean_activations`] is a
+`torch.autograd.graph.saved_tensors_hooks` context that stores each such tensor as a recipe instead:
+
+- the output of GELU or SiLU: recomputed from the input its backward keeps;
+- the output of `torch.nn.LayerNorm` (wrapped or not): recomputed from the input, weight and bias its backward keeps;
+- a product `a * b` whose node keeps both factors (Llama's `act(gate) * up`), or one factor and the softmax whose
+  output is the other (attention dropout): recomputed from them;
+- a tensor holding two values only, zero and one other (dropout's mask): a bool mask and that value.
+
+Each recipe reruns the same kernel on the same inputs, so backward sees the same bits and the gradients are
+unchanged; nothing is recomputed that costs a matrix product, no random number is drawn again. Unlike activation
+checkpointing it needs no recomputed forward and no dispatch mode. Inside a checkpointed region checkpointing's own
+hooks take over. [`enable_lean_activations`] turns it on for every training forward of a model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+#: Tensors smaller than this (in entries) are saved as they are: a recipe would save little and cost a call.
+MIN_ENTRIES = 1 << 12
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+#: Nodes whose saved output (`_saved_result`) is the tensor itself, as a factor of a product is found.
+_RESULT_NODES = ("SoftmaxBackward0", "SafeSoftmaxBackward0", "SigmoidBackward0", "TanhBackward0", "ExpBackward0")
+_EPS = "_diffprune_layer_norm_eps"
+
+
+class _Recomputed:
+    """A saved tensor kept as `compute()` over what autograd keeps anyway; checked against the saved shape."""
+
+    __slots__ = ("compute", "shape", "dtype")
+
+    def __init__(self, compute, tensor: torch.Tensor):
+        self.compute, self.shape, self.dtype = compute, tensor.shape, tensor.dtype
+
+    def unpack(self) -> torch.Tensor:
+        out = self.compute()
+        if out.shape != self.shape or out.dtype != self.dtype:
+            raise RuntimeError(
+                f"lean_activations recomputed a saved tensor as {tuple(out.shape)} {out.dtype} instead of "
+                f"{tuple(self.shape)} {self.dtype}: a bug; train without lean activations and report it."
+            )
+        return out
+
+
+class _Kept:
+    """A saved tensor kept as it is, with its version: autograd checks none under saved-tensor hooks, so a tensor
+    changed in place after it was saved is caught here, as autograd would without hooks."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"a {tuple(self.tensor.shape)} tensor saved at version {self.version} is now at version "
+                f"{self.tensor._version}. Clone it before changing it in place."
+            )
+        return self.tensor
+
+
+class _TwoValued:
+    """A saved tensor of zeros and one other value `c`, as a bool mask and the bits of `c`."""
+
+    __slots__ = ("mask", "bits", "dtype")
+
+    def __init__(self, mask: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype):
+        self.mask, self.bits, self.dtype = mask, bits, dtype
+
+    def unpack(self) -> torch.Tensor:
+        return (self.mask.to(self.bits.dtype) * self.bits).view(self.dtype)
+
+
+def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
+    """The mask form of `tensor` if every entry is +0.0 or one other value (compared as bits), else None."""
+    ints = tensor.detach().view(_INT_VIEW[tensor.dtype])
+    head = ints.reshape(-1)[:16]
+    if head.unique().numel() > 2:  # a weight or an activation: decided before a pass over the whole tensor
+        return None
+    bits = ints.max()
+    mask = ints != 0
+    if bits == 0 or not torch.equal(mask, ints == bits):
+        return None
+    return _TwoValued(mask, bits, tensor.dtype)
+
+
+def _factor(node, index: int, saved: str):
+    """A function giving factor `index` of a product node: its own saved copy, or the saved output of the node
+    that made it; None if neither is kept."""
+    producer = node.next_functions[1 - index][0]
+    if producer is not None:  # the other factor requires grad: this node keeps this one
+        return lambda: getattr(node, saved)
+    producer, output_nr = node.next_functions[index]
+    if producer is not None and output_nr == 0 and type(producer).__name__ in _RESULT_NODES:
+        return lambda: producer._saved_result
+    return None
+
+
+def _recipe(tensor: torch.Tensor):
+    node = tensor.grad_fn
+    name = type(node).__name__
+    if name == "GeluBackward0":
+        return lambda: torch.nn.functional.gelu(node._saved_self, approximate=node._saved_approximate)
+    if name == "SiluBackward0":
+        return lambda: torch.nn.functional.silu(node._saved_self)
+    if name == "NativeLayerNormBackward0":
+        eps = getattr(tensor, _EPS, None)
+        if eps is None:
+            return None
+        return lambda: torch.native_layer_norm(
+            node._saved_input, node._saved_normalized_shape, node._saved_weight, node._saved_bias, eps
+        )[0]
+    if name == "MulBackward0":
+        left, right = _factor(node, 0, "_saved_self"), _factor(node, 1, "_saved_other")
+        if left is None or right is None:
+            return None
+        return lambda: left() * right()
+    return None
+
+
+def _viewed(recipe, size, stride, offset: int):
+    return lambda: recipe().as_strided(size, stride, offset)
+
+
+def _pack(tensor: torch.Tensor):
+    if tensor.numel() < MIN_ENTRIES or tensor.layout != torch.strided or isinstance(tensor, nn.Parameter):
+        return _Kept(tensor)
+    if tensor.grad_fn is not None:
+        # a view (a linear layer saves its input as tokens x features) is recomputed as its base, then viewed
+        base = tensor if tensor._base is None else tensor._base
+        if base._version != 0 or not base.is_contiguous():  # changed in place: a recipe would give the old value
+            return _Kept(tensor)
+        recipe = _recipe(base)
+        if recipe is None:
+            return _Kept(tensor)
+        if base is not tensor:
+            size, stride, offset = tensor.size(), tensor.stride(), tensor.storage_offset() - base.storage_offset()
+            recipe = _viewed(recipe, size, stride, offset)
+        return _Recomputed(recipe, tensor)
+    if tensor.dtype in _INT_VIEW and not tensor.requires_grad:
+        return _two_valued(tensor) or _Kept(tensor)
+    return _Kept(tensor)
+
+
+def _unpack(packed):
+    return packed.unpack()
+
+
+def lean_activations() -> torch.autograd.graph.saved_tensors_hooks:
+    """A context in which autograd saves GELU/SiLU and layer norm outputs, products of kept factors and dropout
+    masks as recipes over what it keeps anyway (see the module docstring); the gradients are bit for bit those
+    without it.
+
+        with lean_activations():
+            loss = model(**batch).loss
+        loss.backward()
+
+    Layer norm outputs are kept lean only for modules [`enable_lean_activations`] has tagged (their `eps` is not in
+    autograd's graph); use that for a whole model.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+def _layer_norm_eps(module: nn.Module) -> float | None:
+    base = getattr(module, "base_layer", module)
+    return base.eps if isinstance(base, nn.LayerNorm) else None
+
+
+def enable_lean_activations(model: nn.Module) -> None:
+    """Every forward of `model` with gradients (training, and choosing or regrowing a candidate pool) runs in
+    [`lean_activations`], and the outputs of its layer norms (`nn.LayerNorm`, diff-pruned or not) are recomputed in
+    backward. Call it once, before [`select_pool`] and training; it changes no number; `disable_lean_activations`
+    undoes it."""
+    if getattr(model, "_lean_activation_hooks", None):
+        return
+    # a diff-pruned norm may run its base's math itself: both the wrapper and its base tag what they return
+    handles = [
+        module.register_forward_hook(_tag_eps(eps))
+        for module in model.modules()
+        if (eps := _layer_norm_eps(module)) is not None
+    ]
+    contexts = []
+
+    def enter(module, args):
+        if torch.is_grad_enabled():  # training, and scoring a candidate pool (an eval forward with gradients)
+            context = lean_activations()
+            context.__enter__()
+            contexts.append(context)
+        else:
+            contexts.append(None)
+
+    def leave(module, args, output):
+        context = contexts.pop()
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    handles.append(model.register_forward_pre_hook(enter))
+    handles.append(model.register_forward_hook(leave, always_call=True))
+    model._lean_activation_hooks = handles
+
+
+def disable_lean_activations(model: nn.Module) -> None:
+    """Undo [`enable_lean_activations`]."""
+    for handle in getattr(model, "_lean_activation_hooks", ()):
+        handle.remove()
+    model._lean_activation_hooks = []
+
+
+def _tag_eps(eps: float):
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and type(output.grad_fn).__name__ == "NativeLayerNormBackward0":
+            setattr(output, _EPS, eps)
+
+    return hook

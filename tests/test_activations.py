@@ -1,0 +1,214 @@
+"""Lean saved activations (`lean_activations`, `enable_lean_activations`): fewer saved bytes, the same gradients."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import CAUSAL_LM_CASES, MODEL_CASES
+from peft import get_peft_model
+from test_checkpointing import with_dropout
+from test_pool import pool_model, randomise
+
+from peft_diffprune import (
+    DiffPruningConfig,
+    disable_lean_activations,
+    enable_lean_activations,
+    lean_activations,
+    select_pool,
+)
+from peft_diffprune.diff_pruning import activations
+
+
+CASES = {**MODEL_CASES, **CAUSAL_LM_CASES}
+
+
+def build(model_name: str, method: str):
+    case = CASES[model_name]
+    if method == "pool":
+        model = pool_model(case)
+        select_pool(model, [case.batch(1)])
+    elif method == "dense":
+        config = DiffPruningConfig(task_type=case.task_type, target_sparsity=0.05, l0_lambda=1e-2)
+        model = get_peft_model(case.model(), config)
+    else:  # full fine-tuning of the plain model
+        model = case.model()
+    randomise(model)
+    return with_dropout(model), case
+
+
+def step(model, batch, seed: int = 0):
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """The tiny models' activations are below `MIN_ENTRIES`: apply the recipes to every size."""
+    monkeypatch.setattr(activations, "MIN_ENTRIES", 0)
+
+
+@pytest.mark.parametrize(
+    "model_name,method",
+    [
+        ("bert", "pool"),
+        ("bert", "dense"),
+        ("bert", "full"),
+        ("llama", "pool"),
+        ("llama", "full"),
+        ("gpt2", "pool"),
+        ("t5", "dense"),
+        ("vit", "pool"),
+    ],
+)
+def test_lean_activations_give_the_same_loss_and_gradients_bit_for_bit(model_name, method):
+    model, case = build(model_name, method)
+    batch = case.batch()
+    loss, grads = step(model, batch)
+    enable_lean_activations(model)
+    lean_loss, lean_grads = step(model, batch)
+    assert torch.equal(loss, lean_loss)
+    assert grads.keys() == lean_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, lean_grads[name]), name
+
+
+def saved(model, batch) -> tuple[dict[int, int], dict[int, int], list]:
+    """`(bytes saved for backward by one training forward without lean activations, by storage; the same with them;
+    what each saved tensor was kept as)`, counting activations only: no parameter, buffer or 1-d tensor."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    plain, lean, kinds = {}, {}, []
+
+    def count(into, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held and tensor.dim() > 1:  # activations, not the pool's per-entry state
+            into[storage.data_ptr()] = storage.nbytes()
+
+    def pack(tensor):
+        packed = activations._pack(tensor)
+        kinds.append(packed)
+        count(plain, tensor)
+        if isinstance(packed, activations._TwoValued):
+            count(lean, packed.mask)
+        elif isinstance(packed, activations._Kept):
+            count(lean, packed.tensor)
+        return packed
+
+    model.train()
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, activations._unpack):
+        model(**batch).loss.backward()
+    return plain, lean, kinds
+
+
+@pytest.mark.parametrize("method", ["pool", "full"])
+def test_lean_activations_keep_fewer_bytes_and_no_new_tensor(method):
+    model, case = build("bert", method)
+    enable_lean_activations(model)  # tags the layer norms; `saved` applies the hooks itself
+    disable = model._lean_activation_hooks[-2:]  # the context hooks: `saved` enters it, not the model
+    for handle in disable:
+        handle.remove()
+    plain, lean, kinds = saved(model, case.batch())
+    # GELU and layer norm outputs and the attention probabilities after dropout are rebuilt, dropout masks are bools
+    recomputed = [k for k in kinds if isinstance(k, activations._Recomputed)]
+    masks = [k for k in kinds if isinstance(k, activations._TwoValued)]
+    layers = case.model().config.num_hidden_layers
+    assert len(masks) >= 3 * layers and all(m.mask.dtype == torch.bool for m in masks)
+    assert len(recomputed) >= 3 * layers
+    new = {ptr: size for ptr, size in lean.items() if ptr not in plain}
+    assert sum(new.values()) == sum(m.mask.untyped_storage().nbytes() for m in masks if m.mask.dim() > 1)
+    # what is left: the products' outputs (q, k, v, the context), layer norm inputs, softmax outputs and their stats
+    assert sum(lean.values()) < 0.8 * sum(plain.values())  # BERT-base at 8 x 128, pool: 0.67 (benchmarks.md)
+
+
+def test_llama_products_and_silu_are_rebuilt():
+    model, case = build("llama", "full")
+    _, _, kinds = saved(model, case.batch())
+    layers = case.model().config.num_hidden_layers
+    # per layer: act(gate) (SiLU) and act(gate) * up, saved by the down projection and the product
+    assert sum(isinstance(k, activations._Recomputed) for k in kinds) >= 2 * layers
+
+
+def test_a_saved_tensor_changed_in_place_fails_as_without_lean_activations():
+    # autograd checks no version under saved-tensor hooks: lean_activations checks what it keeps as it is
+    x = torch.randn(64, 128, requires_grad=True)
+    weight = torch.randn(32, 128, requires_grad=True)
+    for context in (contextlib.nullcontext(), lean_activations()):
+        with context:
+            hidden = x * 2.0
+            out = hidden @ weight.t()
+        with torch.no_grad():
+            hidden.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+
+
+def test_an_activation_changed_in_place_after_it_was_saved_is_rebuilt_as_it_was():
+    # a GELU output saved as a recipe is rebuilt as the forward used it: the gradient of the forward that ran
+    x = torch.randn(64, 128, requires_grad=True)
+    weight = torch.randn(32, 128, requires_grad=True)
+    (torch.nn.functional.gelu(x) @ weight.t()).sum().backward()
+    expected = weight.grad.clone()
+    weight.grad = None
+    with lean_activations():
+        hidden = torch.nn.functional.gelu(x)
+        out = hidden @ weight.t()
+    with torch.no_grad():
+        hidden.mul_(2.0)
+    out.sum().backward()
+    assert torch.equal(weight.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_two_valued_tensors_round_trip_bit_for_bit(dtype):
+    mask = torch.rand(80, 64) < 0.9
+    noise = torch.zeros(80, 64, dtype=dtype).masked_fill_(mask, 1 / 0.9)
+    packed = activations._two_valued(noise)
+    assert packed is not None and packed.mask.dtype == torch.bool
+    assert torch.equal(
+        packed.unpack().view(torch.int16 if dtype != torch.float32 else torch.int32),
+        noise.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
+    signed = noise.clone()
+    signed[3, 5] = -0.0  # three bit patterns: kept as it is
+    assert activations._two_valued(signed) is None
+    assert activations._two_valued(torch.randn(80, 64).to(dtype)) is None
+    assert activations._two_valued(torch.zeros(80, 64, dtype=dtype)) is None
+
+
+def test_enable_lean_activations_applies_to_training_forwards_only_and_always_leaves():
+    model, case = build("bert", "pool")
+    enable_lean_activations(model)
+    enable_lean_activations(model)  # once only
+    hooks = model._lean_activation_hooks
+    assert len(hooks) == len({id(h) for h in hooks})
+    active = []
+
+    def probe(module, args, output):
+        active.append(torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+    handle = model.get_submodule("base_model.model.bert.encoder").register_forward_hook(probe)
+    model.eval()
+    model(**case.batch())
+    model.train()
+    with torch.no_grad():
+        model(**case.batch())
+    model(**case.batch())
+    assert active == [True, False, True]  # eval with gradients: how a candidate pool is scored
+    def fail(module, args, output):
+        raise ValueError("a failing forward")
+
+    failing = model.get_submodule("base_model.model.bert.encoder").register_forward_hook(fail)
+    with pytest.raises(ValueError, match="a failing forward"):
+        model(**case.batch())
+    failing.remove()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    disable_lean_activations(model)
+    model(**case.batch())
+    handle.remove()
+    assert active[-1] is False
