@@ -200,6 +200,7 @@ def test_enable_lean_activations_applies_to_training_forwards_only_and_always_le
         model(**case.batch())
     model(**case.batch())
     assert active == [True, False, True]  # eval with gradients: how a candidate pool is scored
+
     def fail(module, args, output):
         raise ValueError("a failing forward")
 
