@@ -165,6 +165,8 @@ def test_two_valued_tensors_round_trip_bit_for_bit(dtype):
     assert activations._two_valued(signed) is None
     assert activations._two_valued(torch.randn(80, 64).to(dtype)) is None
     assert activations._two_valued(torch.zeros(80, 64, dtype=dtype)) is None
+    # zeros and an infinity would come back with NaN where the zeros were (0 * inf): kept as they are
+    assert activations._two_valued(torch.zeros(80, 64, dtype=dtype).masked_fill_(mask, float("inf"))) is None
 
 
 def test_enable_lean_activations_applies_to_training_forwards_only_and_always_leaves():

@@ -71,28 +71,33 @@ class _Kept:
 
 
 class _TwoValued:
-    """A saved tensor of zeros and one other value `c`, as a bool mask and the bits of `c`."""
+    """A saved tensor of +0.0 and one other, finite and positive, value `c`, as a bool mask and `c`: rebuilt as
+    `mask * c` in two passes (a conversion and an in-place product), which gives `c` and +0.0 bit for bit."""
 
-    __slots__ = ("mask", "bits", "dtype")
+    __slots__ = ("mask", "value")
 
-    def __init__(self, mask: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype):
-        self.mask, self.bits, self.dtype = mask, bits, dtype
+    def __init__(self, mask: torch.Tensor, value: torch.Tensor):
+        self.mask, self.value = mask, value
 
     def unpack(self) -> torch.Tensor:
-        return (self.mask.to(self.bits.dtype) * self.bits).view(self.dtype)
+        return self.mask.to(self.value.dtype).mul_(self.value)
 
 
 def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
-    """The mask form of `tensor` if every entry is +0.0 or one other value (compared as bits), else None."""
+    """The mask form of `tensor` if every entry is +0.0 or one other finite positive value (compared as bits),
+    else None."""
     ints = tensor.detach().view(_INT_VIEW[tensor.dtype])
     head = ints.reshape(-1)[:16]
     if head.unique().numel() > 2:  # a weight or an activation: decided before a pass over the whole tensor
         return None
-    bits = ints.max()
+    bits = ints.max()  # the largest positive float, where every entry is +0.0 or positive
     mask = ints != 0
     if bits == 0 or not torch.equal(mask, ints == bits):
         return None
-    return _TwoValued(mask, bits, tensor.dtype)
+    value = bits.view(tensor.dtype)
+    if not bool(value.isfinite()):  # 0 * inf is NaN, not +0.0
+        return None
+    return _TwoValued(mask, value)
 
 
 def _factor(node, index: int, saved: str):
