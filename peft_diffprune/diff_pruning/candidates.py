@@ -24,7 +24,7 @@ from .gates import deterministic_gate
 from .layer import DiffState
 from .model import get_tuner
 from .pool import add_pool, is_pool, pool_positions
-from .sparse import _kth_largest, _top_positions, base_parameter_count
+from .sparse import _kth_largest, _kth_value, _positions_at_least, base_parameter_count
 
 
 def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -50,7 +50,9 @@ class _RunningTop:
         self.thresholds = dict.fromkeys(sizes, 0.0)
 
     def add(self, key: str, grad: torch.Tensor) -> None:
-        scores = grad.detach().reshape(-1).abs().float()
+        """Fold `|grad|` in; `grad` is consumed (its absolute value is taken in place when it is fp32)."""
+        scores = grad.detach().reshape(-1)
+        scores = scores.abs_() if scores.dtype == torch.float32 else scores.abs().float()
         if bool(scores.isnan().any()):
             raise ValueError(
                 f"The task loss's gradient with respect to {key!r} has NaN entries, so no candidate pool can be "
@@ -63,9 +65,16 @@ class _RunningTop:
         known = self.positions[key].to(scores.device)
         known_scores = self.scores[key].to(scores.device) + scores[known]
         scores[known] = 0.0
-        # the best `size` first, then those above the threshold: O(size) indices, never one per entry of the tensor
-        new = _top_positions(scores, self.sizes[key], sort=False)
-        new = new[scores[new] > self.thresholds[key]]
+        # the best `size` that beat the last pruning's threshold: O(size) indices, never one per entry of the tensor.
+        # Where the size's own threshold is no higher, that is every entry above the pruning's (one pass, no top-k)
+        size, threshold = self.sizes[key], self.thresholds[key]
+        top = _kth_value(scores, size) if 0 < size < scores.numel() else None
+        if size == 0:
+            new = torch.empty(0, dtype=torch.int64, device=scores.device)
+        elif top is not None and top > threshold:
+            new = _positions_at_least(scores, top, size, sort=False)
+        else:
+            new = (scores > threshold).nonzero().squeeze(1)
         index_dtype = torch.int32 if scores.numel() < 2**31 else torch.int64
         self.positions[key] = torch.cat([known, new.to(index_dtype)]).cpu()
         self.scores[key] = torch.cat([known_scores, scores[new]]).cpu()

@@ -191,11 +191,21 @@ def _top_positions(magnitudes: torch.Tensor, k: int, sort: bool = True) -> torch
         return torch.arange(magnitudes.numel(), device=magnitudes.device)
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=magnitudes.device)
+    return _positions_at_least(magnitudes, _kth_value(magnitudes, k), k, sort)
+
+
+def _kth_value(magnitudes: torch.Tensor, k: int):
+    """The `k`-th largest entry of a flat tensor (`1 <= k < numel`): by bisection for large fp32 tensors, else topk."""
     threshold = None
     if magnitudes.dtype == torch.float32 and magnitudes.numel() >= BISECTION_MIN_ENTRIES:
         threshold = _kth_largest([magnitudes], k)  # None with NaNs: topk ranks them first
     if threshold is None:
         threshold = torch.topk(magnitudes, k, sorted=False).values.min()
+    return threshold
+
+
+def _positions_at_least(magnitudes: torch.Tensor, threshold, k: int, sort: bool = True) -> torch.Tensor:
+    """The positions of the entries above `threshold`, then of those equal to it up to `k` in all (the lowest)."""
     above = (magnitudes > threshold).nonzero().squeeze(1)
     at = (magnitudes == threshold).nonzero().squeeze(1)[: k - above.numel()]
     positions = torch.cat([above, at])
