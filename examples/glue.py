@@ -141,6 +141,13 @@ def parse_args():
         help="With --candidate_pool: every N steps replace the pool entries whose gates closed (0: never).",
     )
     parser.add_argument(
+        "--pool_regrow_fraction",
+        type=float,
+        default=0.0,
+        help="With --pool_regrow_steps: at each regrowth also replace this fraction of each tensor's pool, the open "
+        "entries with the smallest |z * w| (0: the closed ones only).",
+    )
+    parser.add_argument(
         "--group_l0_lambda",
         type=float,
         default=None,
@@ -431,6 +438,7 @@ def main():
                 target_modules=DIFF_PLACEMENTS[args.diff_placement],
                 candidate_pool=args.candidate_pool,
                 pool_regrow_steps=args.pool_regrow_steps,
+                pool_regrow_fraction=args.pool_regrow_fraction,
                 penalty_until_target=args.penalty_until_target,
             )
             model = get_peft_model(load_base_model(), config).to(accelerator.device)

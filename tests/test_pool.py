@@ -505,6 +505,41 @@ def test_regrowth_with_no_closed_gate_changes_nothing():
     assert all(torch.equal(pool_positions(*v), before[k]) for k, v in pool_states(model).items())
 
 
+def test_regrowth_fraction_drops_the_smallest_open_diffs_after_the_closed_ones():
+    case = MODEL_CASES["bert"]
+    model = pool_model(case, pool_regrow_fraction=0.25)
+    select_pool(model, [case.batch(1)])
+    states = pool_states(model)
+    expected, kept_before = {}, {}
+    with torch.no_grad():
+        for key, (state, name) in states.items():
+            diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
+            n = diff.numel()
+            diff.copy_(torch.linspace(1e-3, 2e-3, n).flip(0))  # the last slots hold the smallest diffs
+            alpha[:1] = -3.0  # slot 0 closed: dropped first, not counted in the fraction
+            dropped = {0} | set(range(n - round(0.25 * n), n)) if n > 1 else {0}
+            positions = pool_positions(state, name).tolist()
+            expected[key] = {positions[i] for i in dropped}
+            kept_before[key] = set(positions) - expected[key]
+    grown = regrow_pool(model, [case.batch(2)])
+    removed = 0
+    for key, (state, name) in states.items():
+        after = set(pool_positions(state, name).tolist())
+        # the largest open diffs stay; what left is among the closed slot and the smallest quarter
+        assert kept_before[key] <= after
+        removed += len(expected[key] - after)
+    assert removed == grown > len(states)  # more than the one closed slot per tensor
+    # the default (0) drops the closed entries only: an open small diff stays
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    before = {k: pool_positions(*v).clone() for k, v in pool_states(model).items()}
+    assert regrow_pool(model, [case.batch(2)]) == 0
+    assert all(torch.equal(pool_positions(*v), before[k]) for k, v in pool_states(model).items())
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="pool_regrow_fraction"):
+            DiffPruningConfig(candidate_pool=4.0, pool_regrow_fraction=bad)
+
+
 def test_training_before_selection_raises_and_config_is_checked():
     case = MODEL_CASES["bert"]
     model = pool_model(case).train()

@@ -232,6 +232,22 @@ def _entry_state(param: nn.Parameter, optimizer: torch.optim.Optimizer | None) -
     return values if param.grad is None else [*values, param.grad]
 
 
+def _dropped_slots(state, name: str, fraction: float) -> torch.Tensor:
+    """The slots of a tensor's pool that a regrowth empties: the closed entries (ascending), then with
+    `fraction > 0` the `round(fraction * n)` open ones with the smallest `|z * w|` under the deterministic gate
+    (smallest first, ties to the lowest slot), so that fewer new candidates than slots fill the closed ones first."""
+    with torch.no_grad():
+        gate = deterministic_gate(getattr(state, f"{name}_alpha").detach(), state.stretch)
+        closed = gate == 0
+        slots = closed.nonzero().squeeze(1)
+        count = min(round(fraction * gate.numel()), gate.numel() - slots.numel())
+        if count <= 0:
+            return slots
+        magnitude = (gate.float() * getattr(state, f"{name}_diff").detach().float()).abs_()
+        magnitude[closed] = float("inf")  # dropped already: not among the open ones
+        return torch.cat([slots, torch.sort(magnitude, stable=True).indices[:count]])
+
+
 def regrow_pool(
     model: nn.Module,
     batches: Iterable[dict],
@@ -242,8 +258,10 @@ def regrow_pool(
     """Drop the pool entries whose gates closed and regrow as many new candidates, tensor by tensor, in place.
 
     A closed entry (deterministic gate exactly 0: it contributes nothing and would be cut by projection) frees its
-    slot; the slot takes the entry of the same tensor outside the pool with the largest `|d loss / d theta|` summed
-    over `batches` (at the current adapted weights), with a zero diff, the logit `alpha_init`, and, if `optimizer`
+    slot; so do, with `config.pool_regrow_fraction = f > 0`, the `round(f * n)` open entries of each tensor's pool of
+    `n` with the smallest `|z * w|` under the deterministic gate (SpIEL drops by magnitude too). Each slot takes
+    the entry of the same tensor outside the pool with the largest `|d loss / d theta|` summed over `batches` (at
+    the current adapted weights), closed slots first, with a zero diff, the logit `alpha_init`, and, if `optimizer`
     is given, zeroed optimizer moments (and gradients). The pool is then sorted by position again, each entry's
     diff, logit, moments and gradient moved with it. So no tensor's pool ever grows and no parameter is replaced:
     a training loop keeps its optimizer (pass it, or the new entries inherit the moments of the dropped ones). Under
@@ -252,7 +270,7 @@ def regrow_pool(
     tuner, adapter_name, config = _check_pool_adapter(model, adapter_name)
     if not config.pool_pattern:
         raise ValueError(f"Adapter {adapter_name!r} has no pool yet: call select_pool first.")
-    entries, closed = {}, {}
+    entries, dropped = {}, {}
     for module_name, layer in tuner.diff_layers().items():
         state = dict(layer.diff_pruning_state.items()).get(adapter_name)
         if state is None:
@@ -260,14 +278,14 @@ def regrow_pool(
         base = layer.base_parameters()
         for name in state.tensor_names:
             if is_pool(state, name):
-                slots = (deterministic_gate(getattr(state, f"{name}_alpha").detach(), state.stretch) == 0).nonzero()
+                slots = _dropped_slots(state, name, config.pool_regrow_fraction)
                 if slots.numel():
                     key = f"{module_name}.{name}"
-                    entries[key], closed[key] = (state, name, base[name]), slots.squeeze(1)
+                    entries[key], dropped[key] = (state, name, base[name]), slots
     if not entries:
         return 0
     exclude = {key: pool_positions(state, name) for key, (state, name, _) in entries.items()}
-    running = _RunningTop({key: slots.numel() for key, slots in closed.items()}, exclude=exclude)
+    running = _RunningTop({key: slots.numel() for key, slots in dropped.items()}, exclude=exclude)
     _score(model, {key: param for key, (_, _, param) in entries.items()}, batches, running, loss_fn or _default_loss)
     device = next(iter(entries.values()))[2].device
     grown = _from_rank_zero(running.result(), device)
@@ -275,7 +293,7 @@ def regrow_pool(
     with torch.no_grad():
         for key, (state, name, _) in entries.items():
             new = grown[key].to(device)
-            slots = closed[key][: new.numel()].to(device)
+            slots = dropped[key][: new.numel()].to(device)
             positions = getattr(state, f"{name}_pool_positions")
             positions[slots] = new
             diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")

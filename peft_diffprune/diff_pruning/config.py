@@ -88,6 +88,10 @@ class DiffPruningConfig(PeftConfig):
         pool_regrow_steps (`int`):
             With `candidate_pool`: every this many optimizer steps the recipe drops the pool entries whose gates
             closed and regrows as many new candidates (see [`regrow_pool`]); 0 (default) never regrows.
+        pool_regrow_fraction (`float`):
+            With `candidate_pool`: at each regrowth also drop this fraction of each tensor's pool, the open entries
+            whose diff under the deterministic gate, `|z * w|`, is smallest (SpIEL's drop rule), and regrow as many
+            new candidates in their slots. 0 (default) drops the closed entries only. In [0, 1).
         pool_score_batches (`int`):
             With `candidate_pool`: batches whose gradients score the candidates, at selection and at regrowth.
         values_dtype (`str`):
@@ -179,6 +183,15 @@ class DiffPruningConfig(PeftConfig):
         default=0,
         metadata={"help": "Drop closed pool entries and regrow new candidates every this many steps; 0: never."},
     )
+    pool_regrow_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "At each regrowth also drop this fraction of each tensor's pool, the open entries with the "
+                "smallest |z * w|, and regrow as many; 0: drop the closed entries only."
+            )
+        },
+    )
     pool_score_batches: int = field(
         default=4,
         metadata={"help": "Batches whose gradients score the pool's candidates."},
@@ -269,6 +282,12 @@ class DiffPruningConfig(PeftConfig):
             value = getattr(self, attr)
             if not isinstance(value, int) or value < (0 if attr == "pool_regrow_steps" else 1):
                 raise ValueError(f"{attr} must be an int >= {0 if attr == 'pool_regrow_steps' else 1}, got {value!r}.")
+        fraction = self.pool_regrow_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ValueError(
+                "pool_regrow_fraction is the share of each tensor's pool dropped at a regrowth beside the closed "
+                f"entries and must be in [0, 1) (e.g. 0.1; 0 drops the closed ones only), got {fraction!r}."
+            )
         for key, count in {**self.kept_pattern, **self.pool_pattern}.items():
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"kept_pattern / pool_pattern [{key!r}] must be a non-negative int, got {count!r}.")
