@@ -322,6 +322,7 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         # whether the score clears the majority-class (chance) score by the task's margin (MARGINS)
         "clears_baseline": summary["metrics"]["validation"][main_metric] >= baseline["score"] + MARGINS[main_metric],
         "stage_metrics": {stage: res["metrics"]["validation"] for stage, res in stages.items() if "metrics" in res},
+        **({"pool_regrown": stages["gated"]["pool_regrown"]} if "pool_regrown" in stages.get("gated", {}) else {}),
         "train_examples": summary["train_examples"],
         "eval_examples": summary["eval_examples"]["validation"],
         "trainable_parameters": summary["trainable_parameters"],

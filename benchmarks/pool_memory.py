@@ -43,8 +43,11 @@ SAMPLED_ONLY = "pool_sampled_addmm"
 #: Full fine-tuning's activations alone are 0.3x its peak on BERT-base: the pool needs one of them for 0.60x.
 CHECKPOINTED = "_checkpointed"
 SELECTIVE = "_selective"
-#: Suffix of a method trained with `peft_diffprune.enable_lean_activations` (no checkpointing, the same gradients).
+#: Suffix of a method trained with `peft_diffprune.enable_lean_activations` (no checkpointing, the same gradients);
+#: `LEAN_CHEAP` with the recipes that cost least time only (no masks, no activation outputs: norms and products).
 LEAN = "_lean"
+LEAN_CHEAP = "_lean_cheap"
+CHEAP_RECIPES = ("norms", "products")
 _build = train_step.build
 
 
@@ -66,14 +69,15 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
     choosing it is measured with them."""
     from peft_diffprune import enable_lean_activations
 
-    lean = method.endswith(LEAN)
-    method, checkpointing = checkpointing_kwargs(method.removesuffix(LEAN))
+    recipes = CHEAP_RECIPES if method.endswith(LEAN_CHEAP) else None
+    lean = method.endswith((LEAN, LEAN_CHEAP))
+    method, checkpointing = checkpointing_kwargs(method.removesuffix(LEAN_CHEAP).removesuffix(LEAN))
     if method != "pool":
         model, optimizer = _build_other(method, model_name, dtype, optimizer, pool)
         if checkpointing is not None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         if lean:
-            enable_lean_activations(model)
+            enable_lean_activations(model, recipes)
         return model, optimizer
     from peft import get_peft_model
 
@@ -85,7 +89,7 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if lean:
-        enable_lean_activations(model)
+        enable_lean_activations(model, recipes)
     select_pool(model, train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE))
     return model, train_step.make_optimizer(param_groups(model, lr=1e-5, alpha_lr=0.1), optimizer)
 
@@ -180,7 +184,7 @@ def main() -> None:
             *METHODS,
             WHOLE_TRANSPOSES,
             SAMPLED_ONLY,
-            *(m + x for m in METHODS for x in (CHECKPOINTED, SELECTIVE, LEAN)),
+            *(m + x for m in METHODS for x in (CHECKPOINTED, SELECTIVE, LEAN, LEAN_CHEAP)),
         ],
     )
     parser.add_argument("--model", default="minilm")
@@ -229,7 +233,7 @@ def main() -> None:
     else:
         results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     for method in args.methods:
-        if checkpointing_kwargs(method.removesuffix(LEAN))[0] != "pool":
+        if checkpointing_kwargs(method.removesuffix(LEAN_CHEAP).removesuffix(LEAN))[0] != "pool":
             continue
         one_off = subprocess.run(
             [

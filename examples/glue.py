@@ -53,6 +53,7 @@ from peft_diffprune import (
     sparsity_report,
     stage_scheduler,
 )
+from peft_diffprune.diff_pruning.activations import RECIPES
 from peft_diffprune.diff_pruning.checkpointing import CHECKPOINTING_MODES, enable_checkpointing
 from peft_diffprune.recipe.baselines import BUILDERS, DEFAULT_LEARNING_RATES, DIFF_PLACEMENTS, STAGES, WEIGHTS_FILES
 from peft_diffprune.recipe.glue import GLUE_TASKS, evaluate_glue, get_glue_task, label_maps, load_glue, tokenize_glue
@@ -130,9 +131,13 @@ def parse_args():
     )
     parser.add_argument(
         "--lean_activations",
-        action="store_true",
+        nargs="*",
+        choices=RECIPES,
+        default=None,
+        metavar="RECIPE",
         help="Keep the saved activations that are cheap to rebuild (activation and layer norm outputs, dropout masks "
-        "and outputs) as recipes, bit for bit the same gradients, no forward recomputed (docs/training.md).",
+        "and outputs) as recipes, bit for bit the same gradients, no forward recomputed (docs/training.md). Alone: "
+        f"every recipe; or some of {', '.join(RECIPES)} (masks cost the most time, docs/benchmarks.md).",
     )
     parser.add_argument(
         "--pool_regrow_steps",
@@ -389,8 +394,8 @@ def main():
         head = {} if has_head else {"num_labels": task.num_labels}
         model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path, **head, **label_maps(task))
         enable_checkpointing(model, args.activation_checkpointing)  # before the pool is chosen: it checkpoints too
-        if args.lean_activations:
-            enable_lean_activations(model)
+        if args.lean_activations is not None:
+            enable_lean_activations(model, args.lean_activations or None)
         return model
 
     collator = DataCollatorWithPadding(tokenizer)
@@ -425,7 +430,7 @@ def main():
     for stage in stages[stages.index(progress["stage"]) :]:
         resuming = checkpoint is not None and progress["stage"] == stage
         if not resuming:
-            progress.update(stage=stage, epoch=0, batch=0, step=0, train_seconds=0.0)
+            progress.update(stage=stage, epoch=0, batch=0, step=0, train_seconds=0.0, pool_regrown=0)
 
         # The model of this stage and its optimizer parameter groups.
         if stage == "gated":
@@ -526,8 +531,9 @@ def main():
                     continue
                 scheduler.step()
                 progress.update(epoch=epoch, batch=batch_index + 1, step=progress["step"] + 1)
-                if pool is not None:
-                    pool.step(progress["step"], unwrap_optimizer(optimizer))
+                if pool is not None and (regrown := pool.step(progress["step"], unwrap_optimizer(optimizer))):
+                    progress["pool_regrown"] = progress.get("pool_regrown", 0) + regrown
+                    logger.info(f"{stage} step {progress['step']}: regrew {regrown} pool entries")
                 progress["global_step"] += 1
                 progress_bar.update(1)
 
@@ -596,6 +602,8 @@ def main():
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
         }
+        if pool is not None and pool.active:
+            results[stage]["pool_regrown"] = progress.get("pool_regrown", 0)  # entries replaced, over the stage
         logger.info(f"{stage}: {json.dumps(metrics)}")
 
         if stage != "fixmask" and "fixmask" in stages:

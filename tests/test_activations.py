@@ -201,3 +201,40 @@ def test_enable_lean_activations_applies_to_training_forwards_only_and_always_le
     model(**case.batch())
     handle.remove()
     assert active[-1] is False
+
+
+def test_a_subset_of_recipes_keeps_the_others_as_they_are_and_changes_no_gradient():
+    model, case = build("bert", "pool")
+    batch = case.batch()
+    loss, grads, _ = train_step(model, batch)
+    kinds = []
+    chosen = frozenset(("norms", "products"))
+
+    def pack(tensor):
+        kinds.append((tensor.grad_fn, activations._pack(tensor, chosen)))
+        return kinds[-1][1]
+
+    enable_lean_activations(model, recipes=("norms", "products"))  # tags the norms; `pack` is applied by hand here
+    for handle in model._lean_activation_hooks[-2:]:
+        handle.remove()
+    model.zero_grad(set_to_none=True)  # `grads` holds the step's gradient tensors: leave them as they are
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, activations._unpack):
+        model.train()(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    assert not any(isinstance(k, activations._TwoValued) for _, k in kinds)  # masks kept as they are
+    rebuilt = {type(node).__name__ for node, k in kinds if isinstance(k, activations._Recomputed)}
+    assert "NativeLayerNormBackward0" in rebuilt and "MulBackward0" in rebuilt  # norms and products rebuilt
+    gelu_outputs = [k for node, k in kinds if type(node).__name__ == "GeluBackward0"]
+    assert gelu_outputs and all(isinstance(k, activations._Kept) for k in gelu_outputs)  # activations kept
+    disable_lean_activations(model)
+    enable_lean_activations(model, recipes=("norms", "products"))
+    lean_loss, lean_grads, _ = train_step(model, batch)
+    assert torch.equal(loss, lean_loss)
+    for name, grad in grads.items():
+        assert (grad is None and lean_grads[name] is None) or torch.equal(grad, lean_grads[name]), name
+    with pytest.raises(ValueError, match="disable_lean_activations"):
+        enable_lean_activations(model)  # all recipes, while the subset is on
+    for bad in ("norms", ("norm",)):
+        with pytest.raises(ValueError, match="recipes"):
+            lean_activations(bad)

@@ -581,6 +581,25 @@ def test_diff_pruning_over_a_candidate_pool(runs, tiny_model, eval_batch):
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
+def test_pool_regrow_fraction_regrows_open_entries_and_reports_how_many(runs, tiny_model, eval_batch):
+    """--pool_regrow_fraction: every regrowth also replaces the smallest open entries, so entries are regrown in a
+    run too short for any gate to close; results.json and the log say how many, and the adapter still reproduces."""
+    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
+    plain = load_results(runs("candidate_pool", pool_args))
+    assert plain["stages"]["gated"]["pool_regrown"] == 0  # no gate closes in these few steps
+    output_dir = runs("candidate_pool_fraction", [*pool_args, "--pool_regrow_fraction", "0.25"])
+    results = load_results(output_dir)
+    logged = [
+        int(line.split("regrew ")[1].split()[0])
+        for line in (output_dir / "stdout.txt").read_text().splitlines()
+        if " regrew " in line
+    ]
+    assert len(logged) == results["stages"]["gated"]["steps"] // 2
+    assert results["stages"]["gated"]["pool_regrown"] == sum(logged) > 0
+    assert results["kept"] == plain["kept"]
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+
+
 def test_selective_checkpointing_of_a_pool_run_changes_no_number(runs, tiny_model, eval_batch):
     """--activation_checkpointing selective: the pool is chosen and trained with its layers checkpointed (both
     recompute the same values: no dropout here, the gates drawn again from the same state), so the run's

@@ -26,6 +26,9 @@ from torch import nn
 
 #: Tensors smaller than this (in entries) are saved as they are: a recipe would save little and cost a call.
 MIN_ENTRIES = 1 << 12
+#: What can be kept as a recipe: activation outputs (GELU, SiLU), layer norm outputs, products of kept factors, and
+#: dropout masks (two-valued tensors). Measured cost on MiniLM at 32 x 128 (docs/benchmarks.md): masks are most of it.
+RECIPES = ("activations", "norms", "products", "masks")
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 #: Nodes whose saved output (`_saved_result`) is the tensor itself, as a factor of a product is found.
@@ -90,12 +93,15 @@ def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     head = ints.reshape(-1)[:16]
     if head.unique().numel() > 2:  # a weight or an activation: decided before a pass over the whole tensor
         return None
-    bits = ints.max()  # the largest positive float, where every entry is +0.0 or positive
-    mask = ints != 0
-    if bits == 0 or not torch.equal(mask, ints == bits):
+    low, bits = torch.aminmax(ints)
+    # no sign bit set (no -0.0, nothing negative): then +0.0 is the only zero and bool() is "bits != 0"
+    if low < 0 or bits == 0:
         return None
     value = bits.view(tensor.dtype)
     if not bool(value.isfinite()):  # 0 * inf is NaN, not +0.0
+        return None
+    mask = tensor.detach().bool()
+    if not torch.equal(mask, ints == int(bits)):
         return None
     return _TwoValued(mask, value)
 
@@ -112,21 +118,23 @@ def _factor(node, index: int, saved: str):
     return None
 
 
-def _recipe(tensor: torch.Tensor):
+def _recipe(tensor: torch.Tensor, recipes: frozenset):
     node = tensor.grad_fn
     name = type(node).__name__
+    if name in ("GeluBackward0", "SiluBackward0") and "activations" not in recipes:
+        return None
     if name == "GeluBackward0":
         return lambda: torch.nn.functional.gelu(node._saved_self, approximate=node._saved_approximate)
     if name == "SiluBackward0":
         return lambda: torch.nn.functional.silu(node._saved_self)
-    if name == "NativeLayerNormBackward0":
+    if name == "NativeLayerNormBackward0" and "norms" in recipes:
         eps = getattr(tensor, _EPS, None)
         if eps is None:
             return None
         return lambda: torch.native_layer_norm(
             node._saved_input, node._saved_normalized_shape, node._saved_weight, node._saved_bias, eps
         )[0]
-    if name == "MulBackward0":
+    if name == "MulBackward0" and "products" in recipes:
         left, right = _factor(node, 0, "_saved_self"), _factor(node, 1, "_saved_other")
         if left is None or right is None:
             return None
@@ -138,7 +146,7 @@ def _viewed(recipe, size, stride, offset: int):
     return lambda: recipe().as_strided(size, stride, offset)
 
 
-def _pack(tensor: torch.Tensor):
+def _pack(tensor: torch.Tensor, recipes: frozenset = frozenset(RECIPES)):
     if tensor.numel() < MIN_ENTRIES or tensor.layout != torch.strided or isinstance(tensor, nn.Parameter):
         return _Kept(tensor)
     if tensor.grad_fn is not None:
@@ -146,14 +154,14 @@ def _pack(tensor: torch.Tensor):
         base = tensor if tensor._base is None else tensor._base
         if base._version != 0 or not base.is_contiguous():  # changed in place: a recipe would give the old value
             return _Kept(tensor)
-        recipe = _recipe(base)
+        recipe = _recipe(base, recipes)
         if recipe is None:
             return _Kept(tensor)
         if base is not tensor:
             size, stride, offset = tensor.size(), tensor.stride(), tensor.storage_offset() - base.storage_offset()
             recipe = _viewed(recipe, size, stride, offset)
         return _Recomputed(recipe, tensor)
-    if tensor.dtype in _INT_VIEW and not tensor.requires_grad:
+    if "masks" in recipes and tensor.dtype in _INT_VIEW and not tensor.requires_grad:
         return _two_valued(tensor) or _Kept(tensor)
     return _Kept(tensor)
 
@@ -162,10 +170,21 @@ def _unpack(packed):
     return packed.unpack()
 
 
-def lean_activations() -> torch.autograd.graph.saved_tensors_hooks:
+def _recipe_set(recipes) -> frozenset:
+    chosen = frozenset(RECIPES if recipes is None else recipes)
+    unknown = chosen - set(RECIPES)
+    if unknown or isinstance(recipes, str):
+        raise ValueError(
+            f"lean activation recipes must be a collection of {RECIPES} (or None for all), got {recipes!r}: e.g. "
+            "recipes=('norms', 'products') keeps dropout masks and activation outputs as they are."
+        )
+    return chosen
+
+
+def lean_activations(recipes=None) -> torch.autograd.graph.saved_tensors_hooks:
     """A context in which autograd saves GELU/SiLU and layer norm outputs, products of kept factors and dropout
     masks as recipes over what it keeps anyway (see the module docstring); the gradients are bit for bit those
-    without it.
+    without it. `recipes` (a subset of `RECIPES`, default all) chooses which: each saves memory for some time.
 
         with lean_activations():
             loss = model(**batch).loss
@@ -174,7 +193,8 @@ def lean_activations() -> torch.autograd.graph.saved_tensors_hooks:
     Layer norm outputs are kept lean only for modules [`enable_lean_activations`] has tagged (their `eps` is not in
     autograd's graph); use that for a whole model.
     """
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+    chosen = _recipe_set(recipes)
+    return torch.autograd.graph.saved_tensors_hooks(lambda tensor: _pack(tensor, chosen), _unpack)
 
 
 def _layer_norm_eps(module: nn.Module) -> float | None:
@@ -182,12 +202,18 @@ def _layer_norm_eps(module: nn.Module) -> float | None:
     return base.eps if isinstance(base, nn.LayerNorm) else None
 
 
-def enable_lean_activations(model: nn.Module) -> None:
+def enable_lean_activations(model: nn.Module, recipes=None) -> None:
     """Every forward of `model` with gradients (training, and choosing or regrowing a candidate pool) runs in
-    [`lean_activations`], and the outputs of its layer norms (`nn.LayerNorm`, diff-pruned or not) are recomputed in
-    backward. Call it once, before [`select_pool`] and training; it changes no number; `disable_lean_activations`
-    undoes it."""
+    [`lean_activations`] with `recipes` (default all of `RECIPES`), and the outputs of its layer norms
+    (`nn.LayerNorm`, diff-pruned or not) are recomputed in backward. Call it once, before [`select_pool`] and
+    training; it changes no number; `disable_lean_activations` undoes it (call that first to change `recipes`)."""
+    chosen = _recipe_set(recipes)
     if getattr(model, "_lean_activation_hooks", None):
+        if chosen != getattr(model, "_lean_activation_recipes", chosen):
+            raise ValueError(
+                "Lean activations are already on for this model with other recipes: call "
+                "disable_lean_activations(model) first."
+            )
         return
     # a diff-pruned norm may run its base's math itself: both the wrapper and its base tag what they return
     handles = [
@@ -199,7 +225,7 @@ def enable_lean_activations(model: nn.Module) -> None:
 
     def enter(module, args):
         if torch.is_grad_enabled():  # training, and scoring a candidate pool (an eval forward with gradients)
-            context = lean_activations()
+            context = lean_activations(chosen)
             context.__enter__()
             contexts.append(context)
         else:
@@ -213,6 +239,7 @@ def enable_lean_activations(model: nn.Module) -> None:
     handles.append(model.register_forward_pre_hook(enter))
     handles.append(model.register_forward_hook(leave, always_call=True))
     model._lean_activation_hooks = handles
+    model._lean_activation_recipes = chosen
 
 
 def disable_lean_activations(model: nn.Module) -> None:
