@@ -108,6 +108,8 @@ METHODS = {
     # larger pools: a larger share of what fine-tuning moves most starts inside them (concepts.md)
     "diff_pruning_pool8": ["--method", "diff_pruning", "--candidate_pool", "8", "--pool_regrow_steps", "50"],
     "diff_pruning_pool16": ["--method", "diff_pruning", "--candidate_pool", "16", "--pool_regrow_steps", "50"],
+    # the 4x pool as chosen before training, never regrown: what the regrowths (which renew most of it) are worth
+    "diff_pruning_pool_fixed": ["--method", "diff_pruning", "--candidate_pool", "4"],
     # the 4x pool renewed as SpIEL renews its indices: every 25 steps a tenth of it, the smallest |z * w|, is dropped
     "diff_pruning_pool_drop": [
         "--method",
