@@ -62,6 +62,13 @@ def checkpointing_kwargs(method: str) -> tuple[str, dict | None]:
     return method, None
 
 
+def lean_kwargs(method: str) -> tuple[str, bool, tuple[str, ...] | None]:
+    """`(method without its lean suffix, whether it is lean, its recipes: None for all)`."""
+    if method.endswith(LEAN_CHEAP):
+        return method.removesuffix(LEAN_CHEAP), True, CHEAP_RECIPES
+    return method.removesuffix(LEAN), method.endswith(LEAN), None
+
+
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
     """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
     `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`, and any method with the suffix `CHECKPOINTED`, `SELECTIVE` or `LEAN`).
@@ -69,9 +76,8 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
     choosing it is measured with them."""
     from peft_diffprune import enable_lean_activations
 
-    recipes = CHEAP_RECIPES if method.endswith(LEAN_CHEAP) else None
-    lean = method.endswith((LEAN, LEAN_CHEAP))
-    method, checkpointing = checkpointing_kwargs(method.removesuffix(LEAN_CHEAP).removesuffix(LEAN))
+    method, lean, recipes = lean_kwargs(method)
+    method, checkpointing = checkpointing_kwargs(method)
     if method != "pool":
         model, optimizer = _build_other(method, model_name, dtype, optimizer, pool)
         if checkpointing is not None:
@@ -233,7 +239,7 @@ def main() -> None:
     else:
         results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     for method in args.methods:
-        if checkpointing_kwargs(method.removesuffix(LEAN_CHEAP).removesuffix(LEAN))[0] != "pool":
+        if checkpointing_kwargs(lean_kwargs(method)[0])[0] != "pool":
             continue
         one_off = subprocess.run(
             [

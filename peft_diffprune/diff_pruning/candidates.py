@@ -68,10 +68,9 @@ class _RunningTop:
         # the best `size` that beat the last pruning's threshold: O(size) indices, never one per entry of the tensor.
         # Where the size's own threshold is no higher, that is every entry above the pruning's (one pass, no top-k)
         size, threshold = self.sizes[key], self.thresholds[key]
-        top = _kth_value(scores, size) if 0 < size < scores.numel() else None
         if size == 0:
             new = torch.empty(0, dtype=torch.int64, device=scores.device)
-        elif top is not None and top > threshold:
+        elif size < scores.numel() and (top := _kth_value(scores, size)) > threshold:
             new = _positions_at_least(scores, top, size, sort=False)
         else:
             new = (scores > threshold).nonzero().squeeze(1)
