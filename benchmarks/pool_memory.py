@@ -96,7 +96,7 @@ def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "f
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if lean:
         enable_lean_activations(model, recipes)
-    select_pool(model, train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE))
+    select_pool(model, train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE)[:SCORE_BATCHES])
     return model, train_step.make_optimizer(param_groups(model, lr=1e-5, alpha_lr=0.1), optimizer)
 
 
@@ -132,6 +132,8 @@ class PoolWorker(train_step.Worker):
 
 
 BATCH_SHAPE = (32, 128)
+#: How many of the two benchmark batches choose and regrow the pool (`--score_batches`).
+SCORE_BATCHES = 2
 
 
 def one_off_costs(args) -> None:
@@ -149,7 +151,7 @@ def one_off_costs(args) -> None:
             if name.endswith("_alpha"):
                 param[torch.arange(0, param.numel(), 10)] = -5.0
     start = time.perf_counter()
-    regrown = regrow_pool(model, batches, optimizer)
+    regrown = regrow_pool(model, batches[:SCORE_BATCHES], optimizer)
     pool_entries = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_alpha"))
     print(
         json.dumps(
@@ -178,7 +180,7 @@ def alone(method: str, settings: dict, rounds: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    global BATCH_SHAPE
+    global BATCH_SHAPE, SCORE_BATCHES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", help="run one method as a worker (internal)")
     parser.add_argument("--one_off", action="store_true", help="measure the pool's one-off costs (internal)")
@@ -218,9 +220,16 @@ def main() -> None:
         default="glibc",
         help="the workers' allocator (LD_PRELOAD; the default is glibc's heap)",
     )
+    parser.add_argument(
+        "--score_batches",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="benchmark batches that choose and regrow the pool (the recipe's pool_score_batches; default 2)",
+    )
     parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
     args = parser.parse_args()
-    BATCH_SHAPE = (args.batch_size, args.seq_len)
+    BATCH_SHAPE, SCORE_BATCHES = (args.batch_size, args.seq_len), args.score_batches
     train_step.build = lambda method, *rest: released(build(method, *rest, pool=args.pool))
     if args.one_off:
         one_off_costs(args)
@@ -231,7 +240,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.update(allocator_env(args.allocator))  # inherited by every worker started below
     settings = {
-        k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool")
+        k: getattr(args, k)
+        for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool", "score_batches")
     }
     train_step.Worker = PoolWorker  # `measure` starts its workers through this name
     if args.alone:
