@@ -146,6 +146,14 @@ def parse_args():
         help="With --candidate_pool: every N steps replace the pool entries whose gates closed (0: never).",
     )
     parser.add_argument(
+        "--pool_score_batches",
+        type=int,
+        default=DiffPruningConfig.pool_score_batches,
+        help="With --candidate_pool: training batches whose gradients choose the pool, and (the latest ones) "
+        "regrow it. One batch peaks lower than several (docs/benchmarks.md) and finds about as many of the entries "
+        "that the dense gated stage keeps (docs/concepts.md).",
+    )
+    parser.add_argument(
         "--pool_regrow_fraction",
         type=float,
         default=0.0,
@@ -444,11 +452,18 @@ def main():
                 candidate_pool=args.candidate_pool,
                 pool_regrow_steps=args.pool_regrow_steps,
                 pool_regrow_fraction=args.pool_regrow_fraction,
+                pool_score_batches=args.pool_score_batches,
                 penalty_until_target=args.penalty_until_target,
             )
             model = get_peft_model(load_base_model(), config).to(accelerator.device)
             # the same first batches on a resumed run: the same pool, whose positions the checkpoint then restores
-            choose_pool(model, ({k: v.to(accelerator.device) for k, v in b.items()} for b in train_dataloader))
+            chosen = choose_pool(
+                model, ({k: v.to(accelerator.device) for k, v in b.items()} for b in train_dataloader)
+            )
+            if chosen is not None:
+                logger.info(
+                    f"Candidate pool: {sum(chosen.values())} entries chosen from {config.pool_score_batches} batches"
+                )
             groups = param_groups(model, args.learning_rate, args.alpha_learning_rate, args.weight_decay)
         elif stage == "fixmask":
             # Stage 2 runs on a model built from the projected config, whether we come from stage 1 or from a

@@ -600,6 +600,21 @@ def test_pool_regrow_fraction_regrows_open_entries_and_reports_how_many(runs, ti
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
 
 
+def test_pool_score_batches_chooses_and_regrows_the_pool_from_that_many_batches(runs, tiny_model, eval_batch):
+    """--pool_score_batches: the pool is chosen from that many batches (the log says so, the adapter's config keeps
+    it) and is another pool than the default's four batches choose; the adapter still reproduces."""
+    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
+    default_dir = runs("candidate_pool", pool_args)
+    output_dir = runs("candidate_pool_one_batch", [*pool_args, "--pool_score_batches", "1"])
+    for directory, batches in ((default_dir, 4), (output_dir, 1)):
+        log = (directory / "stdout.txt").read_text()
+        assert f"chosen from {batches} batches" in log
+        saved = json.loads((directory / "adapter_config.json").read_text())
+        assert saved["pool_score_batches"] == batches
+    assert load_results(output_dir)["metrics"] != load_results(default_dir)["metrics"]
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, load_results(output_dir))
+
+
 def test_selective_checkpointing_of_a_pool_run_changes_no_number(runs, tiny_model, eval_batch):
     """--activation_checkpointing selective: the pool is chosen and trained with its layers checkpointed (both
     recompute the same values: no dropout here, the gates drawn again from the same state), so the run's
