@@ -213,8 +213,9 @@ def test_only_pool_entries_carry_state():
     assert sum(p.numel() for p in params.values()) == 2 * size
     assert sum(b.numel() for b in buffers.values()) == size
     assert all(p.dim() == 1 for p in [*params.values(), *buffers.values()])
-    # bytes: fp32 diff + fp32 logit + int64 position per entry
-    assert sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()]) == 16 * size
+    # bytes: fp32 diff + fp32 logit + int32 position per entry
+    assert all(b.dtype == torch.int32 for b in buffers.values())
+    assert sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()]) == 12 * size
     # the trainable adapter state is only the pool (and the dense classifier head)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(".diff_pruning_state." in n or ".modules_to_save." in n for n in trainable)
@@ -606,6 +607,33 @@ def test_gated_pool_checkpoint_round_trip(tmp_path, structured):
     project_to_sparsity(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_a_gated_pool_checkpoint_with_int64_positions_loads(tmp_path):
+    """Checkpoints written before positions were int32 hold them as int64: they load into the int32 buffers, with
+    the same positions and outputs."""
+    from safetensors.torch import load_file, save_file
+
+    case = MODEL_CASES["bert"]
+    model = pool_model(case)
+    select_pool(model, [case.batch(1)])
+    with torch.no_grad():
+        for state, name in pool_states(model).values():
+            getattr(state, f"{name}_diff").normal_(0.0, 0.05)
+    model.eval().save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    widened = [key for key in tensors if key.endswith("_pool_positions")]
+    assert widened and all(tensors[key].dtype == torch.int32 for key in widened)
+    save_file({k: v.long() if k in widened else v for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    loaded = PeftModel.from_pretrained(case.model(), tmp_path)
+    for key, (state, name) in pool_states(loaded).items():
+        positions = getattr(state, f"{name}_pool_positions")
+        assert positions.dtype == torch.int32
+        assert torch.equal(positions, pool_positions(*pool_states(model)[key]))
+    batch = case.batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, model(**batch).logits)
 
 
 def test_an_unloaded_pool_raises_instead_of_acting():

@@ -294,7 +294,7 @@ def regrow_pool(
             new = grown[key].to(device)
             slots = dropped[key][: new.numel()].to(device)
             positions = getattr(state, f"{name}_pool_positions")
-            positions[slots] = new
+            positions[slots] = new.to(positions.dtype)
             diff, alpha = getattr(state, f"{name}_diff"), getattr(state, f"{name}_alpha")
             diff[slots] = 0.0
             alpha[slots] = config.alpha_init

@@ -77,7 +77,7 @@ def _sampled_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, positions: tor
     ):
         return (grad_out.t() @ x).view(-1).index_select(0, positions)
     rows = torch.div(positions, in_features, rounding_mode="floor")
-    crow = torch.zeros(out_features + 1, dtype=torch.int64, device=positions.device)
+    crow = torch.zeros(out_features + 1, dtype=positions.dtype, device=positions.device)  # CSR: one index dtype
     crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta", "invariant checks disabled"

@@ -1,9 +1,9 @@
 """The gated stage over a candidate pool: diffs and gate logits for a few chosen entries of each tensor only.
 
 With `DiffPruningConfig(candidate_pool=c)` a targeted parameter `t` holds, instead of a dense diff and dense gate
-logits, the flat positions of its pool entries (`{t}_pool_positions`, a persistent int64 buffer) and one diff value
-and one gate logit per entry (`{t}_diff` and `{t}_alpha`, 1-d parameters of the pool's length; `{t}_group_alpha`
-as in the dense state). The hard-concrete gates, their expected-L0 penalty and the group gate are those of the
+logits, the flat positions of its pool entries (`{t}_pool_positions`, a persistent int32 buffer; int64 in a tensor
+of 2^31 entries or more; checkpoints with int64 positions load into it) and one diff value and one gate logit per
+entry (`{t}_diff` and `{t}_alpha`, 1-d parameters of the pool's length; `{t}_group_alpha` as in the dense state). The hard-concrete gates, their expected-L0 penalty and the group gate are those of the
 dense gated stage applied to these 1-d tensors, so every entry outside the pool is a closed gate: no diff, no
 penalty term. The adapted parameter is `theta + scatter(positions, z * w)`, trained with the fixed-mask stage's
 sparse forward (`functional.sparse_diff_linear`). Choosing and renewing the pool is in `candidates.py`.
@@ -26,6 +26,12 @@ from .functional import sparse_diff_linear
 UNSET = -1
 
 
+def position_dtype(numel: int) -> torch.dtype:
+    """The dtype of a pool's positions in a tensor of `numel` entries: int32 (4 bytes an entry, not 8) wherever the
+    positions fit, which is every tensor of fewer than 2^31 entries."""
+    return torch.int32 if numel <= torch.iinfo(torch.int32).max + 1 else torch.int64
+
+
 def is_pool(state, name: str) -> bool:
     """Whether parameter `name` of a diff state is in the pool state."""
     return hasattr(state, f"{name}_pool_positions")
@@ -44,9 +50,10 @@ def add_pool(
     a diff (zero, or small and random with `init_weights=False`) and a gate logit `alpha_init`, in `dtype` (by
     default the base dtype, as `DiffState.add_gated`)."""
     kwargs = {"dtype": dtype or base.dtype, "device": base.device}
+    dtype_of_positions = position_dtype(base.numel())
     if positions is None:
-        positions = torch.full((count,), UNSET, dtype=torch.int64)
-    state.register_buffer(f"{name}_pool_positions", positions.to(base.device, torch.int64), persistent=True)
+        positions = torch.full((count,), UNSET, dtype=dtype_of_positions)
+    state.register_buffer(f"{name}_pool_positions", positions.to(base.device, dtype_of_positions), persistent=True)
     diff = torch.zeros(count, **kwargs)
     if not config.init_weights:
         diff.normal_(0.0, 0.02)
