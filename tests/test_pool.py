@@ -19,7 +19,7 @@ from peft_diffprune import DiffPruningConfig, project_to_sparsity, regrow_pool, 
 from peft_diffprune.diff_pruning import candidates, gates
 from peft_diffprune.diff_pruning import sparse as sparse_module
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
-from peft_diffprune.diff_pruning.pool import is_pool, pool_positions, sorted_pool
+from peft_diffprune.diff_pruning.pool import is_pool, pool_positions, position_dtype, sorted_pool
 from peft_diffprune.diff_pruning.sparse import _top_positions, base_parameter_count
 
 
@@ -607,6 +607,11 @@ def test_gated_pool_checkpoint_round_trip(tmp_path, structured):
     project_to_sparsity(model)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_positions_are_int64_only_where_int32_cannot_hold_them():
+    assert position_dtype(2**31) == torch.int32  # positions 0 .. 2^31 - 1
+    assert position_dtype(2**31 + 1) == torch.int64
 
 
 def test_a_gated_pool_checkpoint_with_int64_positions_loads(tmp_path):
