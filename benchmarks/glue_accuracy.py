@@ -121,6 +121,17 @@ METHODS = {
         "--pool_regrow_fraction",
         "0.1",
     ],
+    # the 8x pool chosen and regrown from one batch (as BERT-base's memory record scores), otherwise as _pool8
+    "diff_pruning_pool8_1batch": [
+        "--method",
+        "diff_pruning",
+        "--candidate_pool",
+        "8",
+        "--pool_score_batches",
+        "1",
+        "--pool_regrow_steps",
+        "50",
+    ],
     # the 8x pool as BERT-base's memory record runs it (one scoring batch), renewed as diff_pruning_pool_drop
     "diff_pruning_pool8_drop": [
         "--method",
