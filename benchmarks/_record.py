@@ -76,9 +76,23 @@ def write_record(output: str, settings: dict, results: dict) -> dict:
     return record
 
 
+_BASELINES: dict[str, dict] = {}
+_BASELINES_LOCK = threading.Lock()
+
+
 def baseline_score(task_name: str) -> dict:
     """The dev score, in the task's main metric, of always answering the training set's most frequent class (F1 of
-    class 1 for MRPC, 0 MCC for CoLA), or of chance for STS-B (Spearman 0): what a run has to beat."""
+    class 1 for MRPC, 0 MCC for CoLA), or of chance for STS-B (Spearman 0): what a run has to beat.
+
+    Computed once per task and process, under a lock: `datasets.load_dataset` is not safe to call from two threads
+    at once (tqdm's `thread_map` lock raised `AttributeError` in one of `glue_accuracy.py --jobs 2`'s runs)."""
+    with _BASELINES_LOCK:
+        if task_name not in _BASELINES:
+            _BASELINES[task_name] = _baseline_score(task_name)
+        return dict(_BASELINES[task_name])
+
+
+def _baseline_score(task_name: str) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     from peft_diffprune.recipe.glue import compute_glue_metrics, get_glue_task, load_glue
 

@@ -311,6 +311,7 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         command += ["--mixed_precision", args.mixed_precision]
     if args.model is not None:
         command += ["--model_name_or_path", args.model]
+    baseline = baseline_score(task)  # before the run: a failure here costs no finished run
     threads = str(args.threads)
     load = LoadSampler(5.0)
     load.start()
@@ -328,7 +329,6 @@ def run_one(args: argparse.Namespace, task: str, method: str, seed: int) -> dict
         shutil.rmtree(output_dir)
     stages = summary["stages"]
     main_metric = summary["main_metric"]
-    baseline = baseline_score(task)
     return {
         "command": " ".join(["python", str(SCRIPT.relative_to(REPO_ROOT)), *command[2:]]),
         # a copy of the checkout without its .git (the GPU machine's) names its commit in GLUE_ACCURACY_COMMIT

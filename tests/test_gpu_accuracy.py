@@ -170,3 +170,38 @@ def test_the_gpu_script_names_the_preparation_when_the_carried_files_are_missing
     assert result.returncode == 2, result.stderr
     assert "error: .gpu_carry/whl is missing: run python benchmarks/prepare_gpu_carry.py" in result.stderr
     assert not calls.exists()
+
+
+def test_the_baseline_is_computed_once_per_task_and_never_by_two_threads_at_once(runner, monkeypatch):
+    """`datasets.load_dataset` is not thread-safe (one of two concurrent calls raised in tqdm's lock): the runner's
+    jobs share one baseline per task, computed under a lock, and each gets its own copy of it."""
+    import _record
+
+    active, most, calls, guard = [0], [0], [], threading.Lock()
+
+    def slow_baseline(task_name):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            calls.append(task_name)
+        threading.Event().wait(0.05)
+        with guard:
+            active[0] -= 1
+        return {"kind": "majority class", "metric": "accuracy", "score": 0.5}
+
+    monkeypatch.setattr(_record, "_baseline_score", slow_baseline)
+    monkeypatch.setattr(_record, "_BASELINES", {})
+    results = []
+    threads = [
+        threading.Thread(target=lambda task=task: results.append(_record.baseline_score(task)))
+        for task in ["sst2", "sst2", "rte", "sst2", "rte", "rte"]
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert sorted(calls) == ["rte", "sst2"]
+    assert len(results) == 6 and all(result["score"] == 0.5 for result in results)
+    results[0]["score"] = 1.0  # a caller's change does not reach the cached baseline
+    assert _record.baseline_score("sst2")["score"] == 0.5
