@@ -96,6 +96,9 @@ TASKS = list(BUDGETS["cpu"])
 # How far above the majority-class (chance) score full fine-tuning must be for a task to separate methods.
 MARGINS = {"accuracy": 0.05, "f1": 0.05, "matthews_correlation": 0.20, "spearmanr": 0.20}
 
+# The 8x candidate pool chosen and regrown from one batch (two methods below).
+POOL8_ONE_BATCH = ["--method", "diff_pruning", "--candidate_pool", "8", "--pool_score_batches", "1"]
+
 # The example's arguments per method, in the order of priority of the comparison. LoRA's r=12 on query and value
 # trains 110,592 entries, about the 0.5% (113.6k) that diff pruning keeps; Super-Tuning's default support is ~118k.
 # Full fine-tuning (and the non-adaptive diff's fine-tuning) runs at 1e-4: at the example's 5e-5 it stayed at the
@@ -121,30 +124,10 @@ METHODS = {
         "--pool_regrow_fraction",
         "0.1",
     ],
-    # the 8x pool chosen and regrown from one batch (as BERT-base's memory record scores), otherwise as _pool8
-    "diff_pruning_pool8_1batch": [
-        "--method",
-        "diff_pruning",
-        "--candidate_pool",
-        "8",
-        "--pool_score_batches",
-        "1",
-        "--pool_regrow_steps",
-        "50",
-    ],
-    # the 8x pool as BERT-base's memory record runs it (one scoring batch), renewed as diff_pruning_pool_drop
-    "diff_pruning_pool8_drop": [
-        "--method",
-        "diff_pruning",
-        "--candidate_pool",
-        "8",
-        "--pool_score_batches",
-        "1",
-        "--pool_regrow_steps",
-        "25",
-        "--pool_regrow_fraction",
-        "0.1",
-    ],
+    # the 8x pool chosen and regrown from one batch (as BERT-base's memory records score), otherwise as _pool8
+    "diff_pruning_pool8_1batch": [*POOL8_ONE_BATCH, "--pool_regrow_steps", "50"],
+    # the same renewed as diff_pruning_pool_drop
+    "diff_pruning_pool8_drop": [*POOL8_ONE_BATCH, "--pool_regrow_steps", "25", "--pool_regrow_fraction", "0.1"],
     "structured": ["--method", "diff_pruning", "--structured"],
     "lora": ["--method", "lora", "--lora_r", "12"],
     "non_adaptive": ["--method", "non_adaptive", "--learning_rate", "1e-4"],
