@@ -69,10 +69,14 @@ def saved(model, batch) -> tuple[dict[int, int], dict[int, int], list]:
     what each saved tensor was kept as)`, counting activations only: no parameter, buffer or 1-d tensor."""
     held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     plain, lean, kinds = {}, {}, []
+    # every storage counted stays alive until the count is done: a saved tensor that a recipe replaces is freed, and
+    # a later tensor at its address would be counted as the same storage (plain read 28,888 bytes or less by chance)
+    alive = []
 
     def count(into, tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in held and tensor.dim() > 1:  # activations, not the pool's per-entry state
+            alive.append(storage)
             into[storage.data_ptr()] = storage.nbytes()
 
     def pack(tensor):
