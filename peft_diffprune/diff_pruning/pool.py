@@ -2,8 +2,9 @@
 
 With `DiffPruningConfig(candidate_pool=c)` a targeted parameter `t` holds, instead of a dense diff and dense gate
 logits, the flat positions of its pool entries (`{t}_pool_positions`, a persistent int32 buffer; int64 in a tensor
-of 2^31 entries or more; checkpoints with int64 positions load into it) and one diff value and one gate logit per
-entry (`{t}_diff` and `{t}_alpha`, 1-d parameters of the pool's length; `{t}_group_alpha` as in the dense state). The hard-concrete gates, their expected-L0 penalty and the group gate are those of the
+of more than 2^31 entries; checkpoints with int64 positions load into it) and one diff value and one gate logit per
+entry (`{t}_diff` and `{t}_alpha`, 1-d parameters of the pool's length; `{t}_group_alpha` as in the dense state).
+The hard-concrete gates, their expected-L0 penalty and the group gate are those of the
 dense gated stage applied to these 1-d tensors, so every entry outside the pool is a closed gate: no diff, no
 penalty term. The adapted parameter is `theta + scatter(positions, z * w)`, trained with the fixed-mask stage's
 sparse forward (`functional.sparse_diff_linear`). Choosing and renewing the pool is in `candidates.py`.
@@ -28,7 +29,7 @@ UNSET = -1
 
 def position_dtype(numel: int) -> torch.dtype:
     """The dtype of a pool's positions in a tensor of `numel` entries: int32 (4 bytes an entry, not 8) wherever the
-    positions fit, which is every tensor of fewer than 2^31 entries."""
+    positions fit, which is every tensor of at most 2^31 entries."""
     return torch.int32 if numel <= torch.iinfo(torch.int32).max + 1 else torch.int64
 
 
