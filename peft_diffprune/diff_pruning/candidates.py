@@ -23,7 +23,7 @@ from .checkpointing import checkpointing_in_eval
 from .gates import deterministic_gate
 from .layer import DiffState
 from .model import get_tuner
-from .pool import add_pool, is_pool, pool_positions
+from .pool import add_pool, is_pool, pool_positions, position_dtype
 from .sparse import _kth_largest, _kth_value, _positions_at_least, base_parameter_count
 
 
@@ -74,8 +74,7 @@ class _RunningTop:
             new = _positions_at_least(scores, top, size, sort=False)
         else:
             new = (scores > threshold).nonzero().squeeze(1)
-        index_dtype = torch.int32 if scores.numel() < 2**31 else torch.int64
-        self.positions[key] = torch.cat([known, new.to(index_dtype)]).cpu()
+        self.positions[key] = torch.cat([known, new.to(position_dtype(scores.numel()))]).cpu()
         self.scores[key] = torch.cat([known_scores, scores[new]]).cpu()
         if self.total is None:
             if self.positions[key].numel() > 2 * self.sizes[key]:
