@@ -6,7 +6,9 @@ standard deviations.
 """
 
 import math
+import multiprocessing
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +129,82 @@ class TestSampling:
         torch.testing.assert_close(sampled, sample_gate_from_noise(group_alpha, noise, PAPER_STRETCH))
 
 
+def _draw_in_child(queue) -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(5)
+    queue.put(gates._uniform_noise(torch.zeros(50, 101)).sum().item())
+
+
+class TestNoise:
+    """CPU noise of at least `THREADED_NOISE_MIN` entries is drawn in chunks of `NOISE_CHUNK` over threads; these
+    tests shrink both so that small tensors take that path."""
+
+    @pytest.fixture
+    def small_chunks(self, monkeypatch):
+        monkeypatch.setattr(gates, "THREADED_NOISE_MIN", 1000)
+        monkeypatch.setattr(gates, "NOISE_CHUNK", 777)
+
+    def test_a_seed_gives_the_same_noise_at_any_number_of_threads(self, small_chunks):
+        alpha = torch.zeros(50, 101)  # 5,050 entries: 7 chunks
+        threads = torch.get_num_threads()
+        draws = []
+        try:
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                torch.manual_seed(5)
+                draws.append(gates._uniform_noise(alpha))
+        finally:
+            torch.set_num_threads(threads)
+        assert draws[0].dtype == torch.float32 and draws[0].shape == alpha.shape
+        assert all(torch.equal(draws[0], draw) for draw in draws[1:])
+        # torch's seed drives it, the stream moves on, and each chunk draws numbers of its own
+        torch.manual_seed(6)
+        assert not torch.equal(gates._uniform_noise(alpha), draws[0])
+        torch.manual_seed(5)
+        gates._uniform_noise(alpha)
+        assert not torch.equal(gates._uniform_noise(alpha), draws[0])
+        flat = draws[0].view(-1)
+        assert not torch.equal(flat[:777], flat[777:1554])
+        # what a user reproduces it from: one seed from torch's generator, chunk c from PCG64 seeded (seed, c)
+        torch.manual_seed(5)
+        seed = int(torch.randint(1 << 62, (1,)))
+        chunk = np.random.Generator(np.random.PCG64(np.random.SeedSequence((seed, 2)))).random(777, dtype=np.float32)
+        assert torch.equal(flat[2 * 777 : 3 * 777], torch.from_numpy(chunk))
+
+    def test_threaded_noise_is_uniform_and_uncorrelated(self):
+        torch.manual_seed(0)
+        count = 2 * gates.NOISE_CHUNK + 12_345  # three chunks at the library's sizes
+        u = gates._uniform_noise(torch.empty(count)).double()
+        assert u.min() >= 0 and u.max() < 1
+        bins = 100
+        expected = count / bins
+        histogram = torch.histc(u, bins=bins, min=0, max=1)
+        assert (histogram - expected).abs().max() <= SIGMAS * math.sqrt(expected * (1 - 1 / bins))
+        centred = u - 0.5
+        for lag in (1, 2, gates.NOISE_CHUNK):  # neighbours, and the same offset in the next chunk
+            correlation = (centred[:-lag] * centred[lag:]).mean() / centred.var()
+            assert abs(correlation.item()) <= SIGMAS / math.sqrt(count - lag)
+
+    def test_the_noise_threads_are_made_again_in_a_forked_child(self, small_chunks):
+        # a forked child inherits the parent's thread pool object but none of its threads
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            torch.manual_seed(5)
+            expected = gates._uniform_noise(torch.zeros(50, 101)).sum().item()
+        finally:
+            torch.set_num_threads(threads)
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_draw_in_child, args=(queue,))
+        child.start()
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == expected
+
+
 class TestGradients:
     @pytest.mark.parametrize("structured", [False, True], ids=["unstructured", "structured"])
     @pytest.mark.parametrize("stretch", STRETCHES)
@@ -160,11 +238,15 @@ class TestGradients:
         # gates stuck at an atom pass no gradient to alpha; the others do
         assert (ref_alpha_grad == 0).any() and (ref_alpha_grad != 0).any()
 
+    @pytest.mark.parametrize("threaded", [False, True], ids=["one-draw", "threaded-chunks"])
     @pytest.mark.parametrize("rows", [False, True], ids=["all-rows", "some-rows"])
-    def test_backward_draws_the_forwards_gate_again(self, rows, monkeypatch):
+    def test_backward_draws_the_forwards_gate_again(self, rows, threaded, monkeypatch):
         # no gate is kept for backward: it is drawn again from the generator state of the forward, bit for bit, even
         # when other draws happen in between, and backward leaves the random stream where it was
         monkeypatch.setattr(gates, "_redraw", True)  # gates.set_redraw_gates(True)
+        if threaded:  # noise drawn in chunks over threads (what large CPU tensors take)
+            monkeypatch.setattr(gates, "THREADED_NOISE_MIN", 1000)
+            monkeypatch.setattr(gates, "NOISE_CHUNK", 500)
         drawn = []
         noise = gates._uniform_noise  # the gates' one source of noise, fused or eager
         monkeypatch.setattr(gates, "_uniform_noise", lambda a: drawn.append(noise(a)) or drawn[-1].clone())
