@@ -5,8 +5,8 @@ then forms the gradients of `w` and `alpha` and adds the penalty's gradient (bac
 (`gates.py`) that is about a dozen passes over every tensor, which on a memory-bound CPU cost more than the matrix
 products of a BERT-base step. The functions here do the same math and are compiled (Inductor) into one loop each.
 
-The uniform noise is still drawn by `torch.rand_like` from torch's default generator, so that a seed gives the same
-gates with or without fusion (and the same on every rank of a data-parallel job).
+The uniform noise is drawn by `gates._uniform_noise` (seeded from torch's default generator) with or without fusion,
+so that a seed gives the same gates either way (and the same on every rank of a data-parallel job).
 
 `PEFT_DIFFPRUNE_FUSED_GATES` (read when first needed, or set with [`set_mode`]) chooses:
 

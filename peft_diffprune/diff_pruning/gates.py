@@ -93,10 +93,10 @@ def _uniform_noise(alpha: torch.Tensor) -> torch.Tensor:
     one source of the training gates' randomness, fused or not.
 
     On CPU `torch.rand_like` is one serial Mersenne-twister pass, 3.3-4.5 ns an entry on this project's CPUs, about 14
-    sigmoid passes, and a BERT-base gated step draws 110M entries. So a CPU tensor of at least
+    sigmoid passes, and a BERT-base gated step draws 86M entries. So a CPU tensor of at least
     [`THREADED_NOISE_MIN`] entries takes one seed from torch's default generator and fills each chunk of
     [`NOISE_CHUNK`] entries from numpy's PCG64 seeded with `(seed, chunk)`, on all of torch's threads (numpy fills
-    without the GIL): about 2.5x faster on two threads. A seed still gives the same gates: on every rank of a
+    without the GIL): 2.1-2.2x faster on two threads. A seed still gives the same gates: on every rank of a
     data-parallel job, for any number of threads, and in backward where the gates are drawn again."""
     if alpha.device.type != "cpu" or alpha.numel() < THREADED_NOISE_MIN:
         return torch.rand_like(alpha, dtype=torch.float32)
