@@ -461,9 +461,8 @@ def main():
                 model, ({k: v.to(accelerator.device) for k, v in b.items()} for b in train_dataloader)
             )
             if chosen is not None:
-                logger.info(
-                    f"Candidate pool: {sum(chosen.values())} entries chosen from {config.pool_score_batches} batches"
-                )
+                scored = min(config.pool_score_batches, len(train_dataloader))  # all there are, if fewer
+                logger.info(f"Candidate pool: {sum(chosen.values())} entries chosen from {scored} batches")
             groups = param_groups(model, args.learning_rate, args.alpha_learning_rate, args.weight_decay)
         elif stage == "fixmask":
             # Stage 2 runs on a model built from the projected config, whether we come from stage 1 or from a

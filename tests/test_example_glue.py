@@ -613,6 +613,9 @@ def test_pool_score_batches_chooses_and_regrows_the_pool_from_that_many_batches(
         assert saved["pool_score_batches"] == batches
     assert load_results(output_dir)["metrics"] != load_results(default_dir)["metrics"]
     assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, load_results(output_dir))
+    # more than the training set has (64 examples, 8 batches): all of them, and the log counts what was used
+    log = (runs("candidate_pool_all_batches", [*pool_args, "--pool_score_batches", "20"]) / "stdout.txt").read_text()
+    assert "chosen from 8 batches" in log
 
 
 def test_selective_checkpointing_of_a_pool_run_changes_no_number(runs, tiny_model, eval_batch):
