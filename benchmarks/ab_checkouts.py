@@ -20,6 +20,7 @@ from pathlib import Path
 
 from _record import ALLOCATORS, allocator_env, write_record
 from pool_memory import PoolWorker
+from train_step import OPTIMIZERS
 
 
 HERE = Path(__file__).resolve().parent
@@ -49,10 +50,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc", help="the workers' allocator")
+    parser.add_argument(
+        "--full_optimizer", choices=OPTIMIZERS, default="fused", help="full fine-tuning's AdamW (the method's: fused)"
+    )
     parser.add_argument("--output", default="benchmarks/results/ab_checkouts.json")
     args = parser.parse_args()
     settings = {k: getattr(args, k) for k in ("model", "batch_size", "seq_len", "threads", "pool")}
-    settings.update(dtype="fp32", optimizer="fused")
+    settings.update(dtype="fp32", optimizer="fused", full_optimizer=args.full_optimizer)
     workers = {
         "full": start("full", args.new, settings, args.allocator),
         "new": start(args.method, args.new, settings, args.allocator),
