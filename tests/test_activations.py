@@ -73,9 +73,10 @@ def saved(model, batch) -> tuple[dict[int, int], dict[int, int], list]:
     # a later tensor at its address would be counted as the same storage (plain read 28,888 bytes or less by chance)
     alive = []
 
-    def count(into, tensor):
+    def count(into, tensor, mask=False):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in held and tensor.dim() > 1:  # activations, not the pool's per-entry state
+        # activations, not the pool's per-entry state; a mask of bits is 1-d
+        if storage.data_ptr() not in held and (tensor.dim() > 1 or mask):
             alive.append(storage)
             into[storage.data_ptr()] = storage.nbytes()
 
@@ -84,7 +85,7 @@ def saved(model, batch) -> tuple[dict[int, int], dict[int, int], list]:
         kinds.append(packed)
         count(plain, tensor)
         if isinstance(packed, activations._TwoValued):
-            count(lean, packed.mask)
+            count(lean, packed.mask, mask=True)
         elif isinstance(packed, activations._Kept):
             count(lean, packed.tensor)
         return packed
@@ -104,14 +105,17 @@ def test_lean_activations_keep_fewer_bytes_and_no_new_tensor(method):
     for handle in disable:
         handle.remove()
     plain, lean, kinds = saved(model, case.batch())
-    # GELU and layer norm outputs and the attention probabilities after dropout are rebuilt, dropout masks are bools
+    # GELU and layer norm outputs and the attention probabilities after dropout are rebuilt, dropout masks are bits
     recomputed = [k for k in kinds if isinstance(k, activations._Recomputed)]
     masks = [k for k in kinds if isinstance(k, activations._TwoValued)]
     layers = case.model().config.num_hidden_layers
-    assert len(masks) >= 3 * layers and all(m.mask.dtype == torch.bool for m in masks)
+    assert len(masks) >= 3 * layers
+    # bits where the entries fill whole bytes, else bools
+    assert all(m.mask.dtype == (torch.uint8 if m.shape.numel() % 8 == 0 else torch.bool) for m in masks)
+    assert any(m.mask.dtype == torch.uint8 for m in masks)
     assert len(recomputed) >= 3 * layers
     new = {ptr: size for ptr, size in lean.items() if ptr not in plain}
-    assert sum(new.values()) == sum(m.mask.untyped_storage().nbytes() for m in masks if m.mask.dim() > 1)
+    assert sum(new.values()) == sum(m.mask.untyped_storage().nbytes() for m in masks)
     # what is left: the products' outputs (q, k, v, the context), layer norm inputs, softmax outputs and their stats
     assert sum(lean.values()) < 0.8 * sum(plain.values())  # BERT-base at 8 x 128, pool: 0.67 (benchmarks.md)
 
@@ -159,7 +163,7 @@ def test_two_valued_tensors_round_trip_bit_for_bit(dtype):
     mask = torch.rand(80, 64) < 0.9
     noise = torch.zeros(80, 64, dtype=dtype).masked_fill_(mask, 1 / 0.9)
     packed = activations._two_valued(noise)
-    assert packed is not None and packed.mask.dtype == torch.bool
+    assert packed is not None and packed.mask.dtype == torch.uint8 and packed.mask.numel() == 80 * 64 // 8
     assert torch.equal(
         packed.unpack().view(torch.int16 if dtype != torch.float32 else torch.int32),
         noise.view(torch.int16 if dtype != torch.float32 else torch.int32),
@@ -242,3 +246,23 @@ def test_a_subset_of_recipes_keeps_the_others_as_they_are_and_changes_no_gradien
     for bad in ("norms", ("norm",)):
         with pytest.raises(ValueError, match="recipes"):
             lean_activations(bad)
+
+
+def test_bits_pack_eight_entries_to_a_byte_and_unpack_to_the_same_mask():
+    mask = torch.rand(3, 40, 24) < 0.3
+    packed = activations.pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (3 * 40 * 24 // 8,)
+    # entry 8 i + k is bit k of byte i
+    flat = mask.reshape(-1).view(-1, 8).to(torch.uint8)
+    assert torch.equal(packed, (flat * (2 ** torch.arange(8, dtype=torch.uint8))).sum(1, dtype=torch.uint8))
+    assert torch.equal(activations.unpack_bits(packed, mask.shape), mask)
+    for extreme in (torch.zeros_like(mask), torch.ones_like(mask)):
+        assert torch.equal(activations.unpack_bits(activations.pack_bits(extreme), mask.shape), extreme)
+
+
+def test_a_mask_whose_entries_do_not_fill_whole_bytes_is_kept_as_bools():
+    mask = torch.rand(7, 9) < 0.9  # 63 entries
+    noise = torch.zeros(7, 9).masked_fill_(mask, 1 / 0.9)
+    packed = activations._two_valued(noise)
+    assert packed.mask.dtype == torch.bool
+    assert torch.equal(packed.unpack(), noise)

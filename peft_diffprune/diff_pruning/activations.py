@@ -10,7 +10,7 @@ attention probabilities after dropout beside the probabilities and that mask. [`
 - the output of `torch.nn.LayerNorm` (wrapped or not): recomputed from the input, weight and bias its backward keeps;
 - a product `a * b` whose node keeps both factors (Llama's `act(gate) * up`), or one factor and the softmax whose
   output is the other (attention dropout): recomputed from them;
-- a tensor holding two values only, zero and one other (dropout's mask): a bool mask and that value.
+- a tensor holding two values only, zero and one other (dropout's mask): a mask of bits and that value.
 
 Each recipe reruns the same kernel on the same inputs, so backward sees the same bits and the gradients are
 unchanged; nothing is recomputed that costs a matrix product, no random number is drawn again. Unlike activation
@@ -19,6 +19,8 @@ hooks take over. [`enable_lean_activations`] turns it on for every training forw
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -73,17 +75,44 @@ class _Kept:
         return self.tensor
 
 
-class _TwoValued:
-    """A saved tensor of +0.0 and one other, finite and positive, value `c`, as a bool mask and `c`: rebuilt as
-    `mask * c` in two passes (a conversion and an in-place product), which gives `c` and +0.0 bit for bit."""
+#: Whether bools can be packed 8 to an int64 (byte k of a word holds entry k): on little-endian machines.
+_PACKS_BITS = sys.byteorder == "little"
 
-    __slots__ = ("mask", "value")
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A contiguous bool tensor of a multiple of 8 entries, 8 entries to a uint8 (entry `8 i + k` in bit `k` of byte
+    `i`): each group of 8 bools read as one int64 (byte `k` in bits `8 k` to `8 k + 7`, 0 or 1), its 8 low bits
+    gathered into the lowest byte by three shifts, in passes over whole int64 words."""
+    words = mask.reshape(-1).view(torch.int64)
+    words = words | (words >> 7)  # bit 1 of byte k - 1 holds entry k: pairs in bits 0-1 of even bytes
+    words |= words >> 14  # entries 0-3 in bits 0-3, 4-7 in bits 32-35
+    words |= words >> 28
+    return words.to(torch.uint8)  # the low byte, entries 0-7 in bits 0-7 (the other bytes are discarded)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The bool tensor of `shape` that [`pack_bits`] packed: the three shifts reversed, masking each time."""
+    words = packed.to(torch.int64)
+    words = (words | (words << 28)) & 0x0000000F0000000F
+    words = (words | (words << 14)) & 0x0003000300030003
+    words = (words | (words << 7)) & 0x0101010101010101
+    return words.view(torch.bool).view(shape)
+
+
+class _TwoValued:
+    """A saved tensor of +0.0 and one other, finite and positive, value `c`, as a mask and `c`: rebuilt as
+    `mask * c` in two passes (a conversion and an in-place product), which gives `c` and +0.0 bit for bit. The mask
+    is kept as bits ([`pack_bits`]: an eighth of a bool mask's bytes) where its entries fill whole bytes."""
+
+    __slots__ = ("mask", "value", "shape")
 
     def __init__(self, mask: torch.Tensor, value: torch.Tensor):
-        self.mask, self.value = mask, value
+        self.value, self.shape = value, mask.shape
+        self.mask = pack_bits(mask) if _PACKS_BITS and mask.numel() % 8 == 0 else mask
 
     def unpack(self) -> torch.Tensor:
-        return self.mask.to(self.value.dtype).mul_(self.value)
+        mask = self.mask if self.mask.dtype == torch.bool else unpack_bits(self.mask, self.shape)
+        return mask.to(self.value.dtype).mul_(self.value)
 
 
 def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
