@@ -7,6 +7,7 @@ standard deviations.
 
 import math
 import multiprocessing
+import threading
 
 import numpy as np
 import pytest
@@ -157,6 +158,14 @@ class TestNoise:
             torch.set_num_threads(threads)
         assert draws[0].dtype == torch.float32 and draws[0].shape == alpha.shape
         assert all(torch.equal(draws[0], draw) for draw in draws[1:])
+        # the threads of an earlier count are let go, not kept beside the new ones
+        try:
+            for count in (2, 3) * 4:
+                torch.set_num_threads(count)
+                gates._uniform_noise(alpha)
+        finally:
+            torch.set_num_threads(threads)
+        assert sum(t.name.startswith("diffprune-noise") for t in threading.enumerate()) <= 3
         # torch's seed drives it, the stream moves on, and each chunk draws numbers of its own
         torch.manual_seed(6)
         assert not torch.equal(gates._uniform_noise(alpha), draws[0])

@@ -84,6 +84,8 @@ def _noise_threads() -> ThreadPoolExecutor:
     global _noise_pool
     key = (os.getpid(), torch.get_num_threads())
     if _noise_pool is None or _noise_pool[:2] != key:
+        if _noise_pool is not None and _noise_pool[0] == key[0]:
+            _noise_pool[2].shutdown()  # this process's idle threads, for another count (a child's are not its)
         _noise_pool = (*key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="diffprune-noise"))
     return _noise_pool[2]
 
