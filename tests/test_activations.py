@@ -175,6 +175,18 @@ def test_two_valued_tensors_round_trip_bit_for_bit(dtype):
     assert activations._two_valued(torch.zeros(80, 64, dtype=dtype)) is None
     # zeros and an infinity would come back with NaN where the zeros were (0 * inf): kept as they are
     assert activations._two_valued(torch.zeros(80, 64, dtype=dtype).masked_fill_(mask, float("inf"))) is None
+    # values the first entries do not show: a third value, a negative one, -0.0, each after the first 16 entries
+    for odd in (2 / 0.9, -1 / 0.9, -0.0):
+        late = noise.clone()
+        late[40, 7] = odd
+        assert activations._two_valued(late) is None, odd
+    # first entries all zero: the other value is found in the rest
+    zero_head = noise.clone()
+    zero_head[0, :16] = 0.0
+    packed = activations._two_valued(zero_head)
+    assert packed is not None and torch.equal(packed.unpack(), zero_head)
+    zero_head[50, 3] = 2 / 0.9
+    assert activations._two_valued(zero_head) is None
 
 
 def test_enable_lean_activations_applies_to_training_forwards_only_and_always_leaves():

@@ -117,20 +117,26 @@ class _TwoValued:
 
 def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     """The mask form of `tensor` if every entry is +0.0 or one other finite positive value (compared as bits),
-    else None."""
+    else None.
+
+    Two passes over the tensor and one over the mask: the other value `c` is read from the first entries, the mask is
+    `bits == c`, and the tensor holds nothing else if it has as many non-zero bit patterns as the mask has entries
+    (every entry equal to `c` is one; -0.0 and any other value would be one more)."""
     ints = tensor.detach().view(_INT_VIEW[tensor.dtype])
     head = ints.reshape(-1)[:16]
     if head.unique().numel() > 2:  # a weight or an activation: decided before a pass over the whole tensor
         return None
-    low, bits = torch.aminmax(ints)
-    # no sign bit set (no -0.0, nothing negative): then +0.0 is the only zero and bool() is "bits != 0"
-    if low < 0 or bits == 0:
+    bits = head.max()
+    if bits <= 0:  # the first entries are all zeros (or negative: refused below)
+        bits = ints.max()
+    # a set sign bit (-0.0, a negative value) is refused, so +0.0 is the only zero
+    if bits <= 0:
         return None
     value = bits.view(tensor.dtype)
     if not bool(value.isfinite()):  # 0 * inf is NaN, not +0.0
         return None
-    mask = tensor.detach().bool()
-    if not torch.equal(mask, ints == int(bits)):
+    mask = ints == bits
+    if int(torch.count_nonzero(ints)) != int(torch.count_nonzero(mask)):
         return None
     return _TwoValued(mask, value)
 
