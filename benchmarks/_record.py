@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import Counter
 from datetime import datetime, timezone
@@ -58,6 +60,51 @@ def release_free_memory() -> None:
         process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))  # MALLCTL_ARENAS_ALL
     else:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def heap_count_env() -> dict:
+    """The environment variables that make a child process count its live heap bytes (`HeapBytes`): `LD_PRELOAD` of
+    `heap_count.c`, compiled here once (into the temporary folder) with the system's C compiler."""
+    source = Path(__file__).with_name("heap_count.c")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    library = Path(tempfile.gettempdir(), f"peft_diffprune_heap_count_{digest}.so")
+    if not library.exists():
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(partial), str(source)], check=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise SystemExit(
+                f"--heap_bytes needs a C compiler to build {source.name} (apt-get install gcc): {error}"
+            ) from error
+        partial.replace(library)
+    return {"LD_PRELOAD": str(library)}
+
+
+class HeapBytes:
+    """This process's live heap bytes, counted at every malloc and free by `heap_count.c` (run under
+    `heap_count_env()`): every tensor's memory and whatever else malloc hands out, from every thread, but not the
+    libraries' code and data or what the heap keeps after a free. On CPU it is the nearest thing to a GPU's
+    `torch.cuda.max_memory_allocated`, plus the process's own malloc'd objects."""
+
+    def __init__(self):
+        import ctypes
+
+        process = ctypes.CDLL(None)
+        if not hasattr(process, "heap_peak_bytes"):
+            raise RuntimeError("HeapBytes: this process does not run under heap_count_env() (LD_PRELOAD).")
+        for name in ("heap_live_bytes", "heap_peak_bytes"):
+            getattr(process, name).restype = ctypes.c_longlong
+        self._process = process
+
+    def live_mib(self) -> float:
+        return self._process.heap_live_bytes() / 2**20
+
+    def peak_mib(self) -> float:
+        """The largest count since the last `reset_peak()`."""
+        return self._process.heap_peak_bytes() / 2**20
+
+    def reset_peak(self) -> None:
+        self._process.heap_reset_peak()
 
 
 def write_record(output: str, settings: dict, results: dict) -> dict:

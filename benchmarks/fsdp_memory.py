@@ -12,10 +12,16 @@ round (the larger of the two ranks, and the median over rounds).
 With `MALLOC_MMAP_THRESHOLD_` set (recorded in the settings), glibc hands every freed block above it back to the
 system, so that the peak RSS comes close to the peak of live bytes.
 
+With `--heap_bytes` each process also counts its live heap bytes at every malloc and free (`heap_count.c`,
+`_record.HeapBytes`): every tensor's bytes and whatever else malloc hands out, without the libraries' code and data
+(about 0.4 GB of the process here, which no sharding halves) and without what the heap keeps after a free: the
+nearest thing on CPU to a GPU's `torch.cuda.max_memory_allocated`.
+
     python benchmarks/fsdp_memory.py --output benchmarks/results/fsdp_memory.json
     python benchmarks/fsdp_memory.py --model bert-base --batch_size 8 --rows --rounds 1 \
         --output benchmarks/results/fsdp_memory_bert_base_rows.json
     MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/fsdp_memory.py --rounds 1 --output benchmarks/results/fsdp_memory_mmap.json
+    python benchmarks/fsdp_memory.py --heap_bytes --rounds 1 --output benchmarks/results/fsdp_memory_heap.json
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from _record import ALLOCATORS, allocator_env, release_free_memory, write_record
+from _record import ALLOCATORS, HeapBytes, allocator_env, heap_count_env, release_free_memory, write_record
 from train_step import build, make_batches, make_optimizer, reset_peak_rss, status_mib
 
 
@@ -57,21 +63,33 @@ def shard(model: torch.nn.Module, rows: bool, units: str) -> None:
     fully_shard(model, ignored_params=ignored)
 
 
-def phased_step(model, optimizer, batch) -> dict[str, float]:
+def phased_step(model, optimizer, batch, heap: HeapBytes | None = None) -> tuple[dict, dict]:
     """One training step; the peak RSS of each of its phases (forward, backward, optimizer step), each counted from
-    its start (`/proc/self/clear_refs`): their maximum is the step's peak, and they say where it is."""
-    peaks = {}
-    reset_peak_rss()
+    its start (`/proc/self/clear_refs`): their maximum is the step's peak, and they say where it is. With `heap`,
+    also each phase's peak of live heap bytes (else an empty dict)."""
+    rss, heap_peaks = {}, {}
+
+    def start() -> None:
+        reset_peak_rss()
+        if heap is not None:
+            heap.reset_peak()
+
+    def end(phase: str) -> None:
+        rss[phase] = status_mib("VmHWM")
+        if heap is not None:
+            heap_peaks[phase] = heap.peak_mib()
+
+    start()
     loss = model(**batch).loss
-    peaks["forward"] = status_mib("VmHWM")
-    reset_peak_rss()
+    end("forward")
+    start()
     loss.backward()
-    peaks["backward"] = status_mib("VmHWM")
-    reset_peak_rss()
+    end("backward")
+    start()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    peaks["optimizer"] = status_mib("VmHWM")
-    return peaks
+    end("optimizer")
+    return rss, heap_peaks
 
 
 def worker(args) -> None:
@@ -81,6 +99,7 @@ def worker(args) -> None:
     from peft_diffprune import param_groups
 
     torch.set_num_threads(args.threads)
+    heap = HeapBytes() if args.heap_bytes else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -102,10 +121,13 @@ def worker(args) -> None:
     gc.collect()
     release_free_memory()  # hand back what the unsharded model left, as loading shards would
     rss_before = status_mib("VmRSS")
-    times, phases = [], []
+    heap_before = heap.live_mib() if heap is not None else None
+    times, phases, heap_phases = [], [], []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        phases.append(phased_step(model, optimizer, batches[step % 2]))
+        rss, heap_peaks = phased_step(model, optimizer, batches[step % 2], heap)
+        phases.append(rss)
+        heap_phases.append(heap_peaks)
         times.append(time.perf_counter() - start)
     peak = max(peak for step in phases for peak in step.values())
     record = {
@@ -115,6 +137,10 @@ def worker(args) -> None:
         "step_times_s": times,
         "phase_peaks_mib": phases,
     }
+    if heap is not None:
+        record["heap_before_training_mib"] = heap_before
+        record["heap_phase_peaks_mib"] = heap_phases
+        record["peak_heap_mib"] = max(peak for step in heap_phases for peak in step.values())
     Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(record))
     if world > 1:
         dist.destroy_process_group()
@@ -125,12 +151,13 @@ def run(method: str, processes: int, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
         settings = [f"--{k}={getattr(args, k)}" for k in ("model", "batch_size", "seq_len", "threads", "steps")]
         settings += [f"--units={args.units}"] + (["--rows"] if args.rows else [])
+        settings += ["--heap_bytes"] if args.heap_bytes else []
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29731"]
             + [__file__, "--worker", f"--method={method}", f"--out_dir={out_dir}", f"--warmup={args.warmup}"]
             + settings,
             check=True,
-            env=dict(os.environ, **allocator_env(args.allocator)),
+            env=dict(os.environ, **allocator_env(args.allocator), **(heap_count_env() if args.heap_bytes else {})),
         )
         return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(processes)]
 
@@ -153,14 +180,32 @@ def main() -> None:
     )
     parser.add_argument("--units", choices=("layer", "sublayer"), default="layer", help="FSDP2 units (see shard)")
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc", help="the ranks' allocator")
+    parser.add_argument(
+        "--heap_bytes",
+        action="store_true",
+        help="also count each process's peak of live heap bytes (heap_count.c, glibc's allocator only)",
+    )
     parser.add_argument("--output", default="benchmarks/results/fsdp_memory.json")
     args = parser.parse_args()
+    if args.heap_bytes and args.allocator != "glibc":
+        parser.error("--heap_bytes counts glibc's heap: leave --allocator at glibc")
     if args.worker:
         worker(args)
         return
     settings = {
         k: getattr(args, k)
-        for k in ("model", "batch_size", "seq_len", "rounds", "steps", "warmup", "threads", "rows", "units")
+        for k in (
+            "model",
+            "batch_size",
+            "seq_len",
+            "rounds",
+            "steps",
+            "warmup",
+            "threads",
+            "rows",
+            "units",
+            "heap_bytes",
+        )
     }
     # glibc keeps freed blocks below its (adaptive) mmap threshold: fixing the threshold shows the live bytes' peak
     settings["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
@@ -176,7 +221,9 @@ def main() -> None:
                 runs[method][kind].append({"ranks": ranks, "load_average": [load, os.getloadavg()[0]]})
                 write_record(args.output, settings, {"unfinished_runs": runs})
                 peaks = ", ".join(f"{r['peak_rss_mib']:.0f}" for r in ranks)
-                print(f"round {round_index} {method:12s} {kind:6s} peak RSS per rank {peaks} MiB", flush=True)
+                heaps = ", ".join(f"{r['peak_heap_mib']:.0f}" for r in ranks if "peak_heap_mib" in r)
+                heaps = f", live heap {heaps} MiB" if heaps else ""
+                print(f"round {round_index} {method:12s} {kind:6s} peak RSS per rank {peaks} MiB{heaps}", flush=True)
     results = {}
     for method, kinds in runs.items():
         single = [r["ranks"][0]["peak_rss_mib"] for r in kinds["single"]]
@@ -190,6 +237,17 @@ def main() -> None:
             "runs": kinds,
         }
         print(f"{method:12s} per-rank peak / single-process peak x{results[method]['ratio']:.3f}", flush=True)
+        if args.heap_bytes:
+            single = [r["ranks"][0]["peak_heap_mib"] for r in kinds["single"]]
+            per_rank = [max(rank["peak_heap_mib"] for rank in r["ranks"]) for r in kinds["fsdp2"]]
+            ratios = [p / s for p, s in zip(per_rank, single, strict=True)]
+            results[method].update(
+                single_process_peak_heap_mib=statistics.median(single),
+                fsdp2_peak_heap_mib_per_rank=statistics.median(per_rank),
+                heap_ratio=statistics.median(ratios),
+                heap_ratios=ratios,
+            )
+            print(f"{method:12s} on live heap bytes x{results[method]['heap_ratio']:.3f}", flush=True)
     write_record(args.output, settings, results)
 
 
