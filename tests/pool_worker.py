@@ -16,7 +16,8 @@ from fsdp_worker import RESULTS, record, shard, train_steps
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
-from peft_diffprune import DiffPruningConfig, regrow_pool, select_pool
+from peft_diffprune import DiffPruningConfig, enable_lean_activations, regrow_pool, select_pool
+from peft_diffprune.diff_pruning import activations
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 from peft_diffprune.diff_pruning.pool import is_pool
 
@@ -71,6 +72,25 @@ def check_sharded(kind: str) -> None:
     reference = copy.deepcopy(model)
     sharded = shard(model, kind)
     train_steps(reference, sharded, kind, f"{kind}/pool", MODEL_CASES["bert"].batch(), steps=2)
+    # the same with lean saved activations on the sharded model only: its gradients are still the plain model's
+    lean_model = pool_model()
+    lean_reference = copy.deepcopy(lean_model)
+    lean_sharded = shard(lean_model, kind)
+    enable_lean_activations(lean_sharded)
+    lean_packs = []
+    pack = activations._pack
+
+    def counted(tensor, recipes):
+        packed = pack(tensor, recipes)
+        lean_packs.append(not isinstance(packed, activations._Kept))
+        return packed
+
+    activations._pack, min_entries, activations.MIN_ENTRIES = counted, activations.MIN_ENTRIES, 0  # tiny tensors
+    try:
+        train_steps(lean_reference, lean_sharded, kind, f"{kind}/pool_lean", MODEL_CASES["bert"].batch(), steps=2)
+    finally:
+        activations._pack, activations.MIN_ENTRIES = pack, min_entries
+    record(f"{kind}/pool_lean/recipes", sum(lean_packs))  # saved tensors kept as recipes: lean was on
     try:
         regrow_pool(sharded, [MODEL_CASES["bert"].batch()])
         record(f"{kind}/regrow_refused", 0.0)

@@ -804,6 +804,10 @@ def test_ddp_ranks_agree_on_the_pool_and_its_regrowth(two_ranks):
 def test_fsdp_trains_a_pool_chosen_before_sharding(two_ranks, kind):
     assert two_ranks[f"{kind}/pool/loss"] < 1e-5
     assert two_ranks[f"{kind}/pool/grads"] < 1e-5
+    # with lean saved activations on the sharded model (the reference keeps every tensor as it is)
+    assert two_ranks[f"{kind}/pool_lean/loss"] < 1e-5
+    assert two_ranks[f"{kind}/pool_lean/grads"] < 1e-5
+    assert two_ranks[f"{kind}/pool_lean/recipes"] > 0
     assert two_ranks[f"{kind}/regrow_refused"] == 1.0  # with a clear error naming the fix
 
 
