@@ -86,6 +86,13 @@ class HeapBytes:
     libraries' code and data or what the heap keeps after a free. On CPU it is the nearest thing to a GPU's
     `torch.cuda.max_memory_allocated`, plus the process's own malloc'd objects."""
 
+    @staticmethod
+    def loaded() -> bool:
+        """Whether this process runs under `heap_count_env()`."""
+        import ctypes
+
+        return hasattr(ctypes.CDLL(None), "heap_peak_bytes")
+
     def __init__(self):
         import ctypes
 

@@ -12,6 +12,9 @@ tenth of its gates closed) are measured in a worker of their own.
     flock /work/wt/big.lock python benchmarks/pool_memory.py --model bert-base --batch_size 8 --seq_len 128 \
         --rounds 4 --warmup 1 --max_workers 2 --output benchmarks/results/pool_memory_bert_base.json
 
+With `--heap_bytes` every worker also counts its live heap bytes (`heap_count.c`): every tensor and whatever else
+malloc hands out, without what an allocator keeps after a free, so the peaks compare across allocators.
+
 With `--max_workers 2` each method runs beside its own full fine-tuning worker (BERT-base's dense gated stage and
 full fine-tuning take 9 GB together; four workers at once would not fit the machine beside other jobs).
 """
@@ -27,7 +30,7 @@ import time
 
 import torch
 import train_step
-from _record import ALLOCATORS, allocator_env, release_free_memory, write_record
+from _record import ALLOCATORS, HeapBytes, allocator_env, heap_count_env, release_free_memory, write_record
 
 
 METHODS = ("full", "lora_all_r8", "diff_pruning", "pool")
@@ -141,8 +144,10 @@ def one_off_costs(args) -> None:
     from peft_diffprune import regrow_pool
 
     torch.set_num_threads(args.threads)
+    heap = HeapBytes() if HeapBytes.loaded() else None
     model, optimizer = build(args.method or "pool", args.model, args.dtype, args.optimizer, args.pool)
     selection_peak = train_step.status_mib("VmHWM")
+    selection_heap_peak = heap.peak_mib() if heap is not None else None
     batches = train_step.make_batches(model.config.vocab_size, *BATCH_SHAPE)
     model.train()
     train_step.train_step(model, optimizer, batches[0])
@@ -153,18 +158,16 @@ def one_off_costs(args) -> None:
     start = time.perf_counter()
     regrown = regrow_pool(model, batches[:SCORE_BATCHES], optimizer)
     pool_entries = sum(p.numel() for n, p in model.named_parameters() if n.endswith("_alpha"))
-    print(
-        json.dumps(
-            {
-                "pool_entries": pool_entries,
-                "selection_peak_rss_mib": selection_peak,
-                "regrow_seconds": time.perf_counter() - start,
-                "regrown": regrown,
-                "peak_rss_after_regrow_mib": train_step.status_mib("VmHWM"),
-            }
-        ),
-        flush=True,
-    )
+    costs = {
+        "pool_entries": pool_entries,
+        "selection_peak_rss_mib": selection_peak,
+        "regrow_seconds": time.perf_counter() - start,
+        "regrown": regrown,
+        "peak_rss_after_regrow_mib": train_step.status_mib("VmHWM"),
+    }
+    if heap is not None:  # peaks since the process started, as VmHWM's
+        costs.update(selection_peak_heap_mib=selection_heap_peak, peak_heap_after_regrow_mib=heap.peak_mib())
+    print(json.dumps(costs), flush=True)
 
 
 def alone(method: str, settings: dict, rounds: int, warmup: int) -> dict:
@@ -227,8 +230,15 @@ def main() -> None:
         default=2,
         help="benchmark batches that choose and regrow the pool (the recipe's pool_score_batches; default 2)",
     )
+    parser.add_argument(
+        "--heap_bytes",
+        action="store_true",
+        help="also count each worker's peak of live heap bytes (heap_count.c; glibc's allocator only)",
+    )
     parser.add_argument("--output", default="benchmarks/results/pool_memory.json")
     args = parser.parse_args()
+    if args.heap_bytes and args.allocator != "glibc":
+        parser.error("--heap_bytes counts glibc's heap: leave --allocator at glibc")
     BATCH_SHAPE, SCORE_BATCHES = (args.batch_size, args.seq_len), args.score_batches
     train_step.build = lambda method, *rest: released(build(method, *rest, pool=args.pool))
     if args.one_off:
@@ -239,6 +249,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     os.environ.update(allocator_env(args.allocator))  # inherited by every worker started below
+    if args.heap_bytes:
+        os.environ.update(heap_count_env())
     settings = {
         k: getattr(args, k)
         for k in ("model", "batch_size", "seq_len", "threads", "dtype", "optimizer", "pool", "score_batches")
@@ -272,8 +284,17 @@ def main() -> None:
         results[method]["stage_peak_rss_mib"] = stage_peak
         if "full" in results:
             results[method]["stage_peak_rss_ratio"] = stage_peak / results["full"]["peak_rss_mib"]
+        if "peak_heap_mib" in results[method]:
+            stage_heap = max(
+                results[method]["peak_heap_mib"],
+                one_off["selection_peak_heap_mib"],
+                one_off["peak_heap_after_regrow_mib"],
+            )
+            results[method]["stage_peak_heap_mib"] = stage_heap
+            if "full" in results:
+                results[method]["stage_peak_heap_ratio"] = stage_heap / results["full"]["peak_heap_mib"]
     record = {**settings, "rounds": args.rounds, "warmup": args.warmup, "max_workers": args.max_workers}
-    record.update(allocator=args.allocator, LD_PRELOAD=os.environ.get("LD_PRELOAD"))
+    record.update(allocator=args.allocator, LD_PRELOAD=os.environ.get("LD_PRELOAD"), heap_bytes=args.heap_bytes)
     write_record(args.output, record, results)
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import torch
-from _record import write_record
+from _record import HeapBytes, write_record
 
 
 METHODS = (
@@ -222,7 +222,13 @@ def worker(args) -> None:
     model.train(not evaluating)
     rss_before = status_mib("VmRSS")
     reset_peak_rss()
-    print(json.dumps({"rss_before_training_mib": rss_before}), flush=True)
+    ready = {"rss_before_training_mib": rss_before}
+    # under heap_count_env() (pool_memory.py --heap_bytes): live heap bytes too, from the same moment
+    heap = HeapBytes() if HeapBytes.loaded() else None
+    if heap is not None:
+        ready["heap_before_training_mib"] = heap.live_mib()
+        heap.reset_peak()
+    print(json.dumps(ready), flush=True)
     for step, command in enumerate(sys.stdin):
         if command.strip() == "exit":
             break
@@ -236,7 +242,10 @@ def worker(args) -> None:
         cpu_time = time.process_time() - start_cpu
         print(json.dumps({"step_time_s": time.perf_counter() - start, "cpu_time_s": cpu_time}), flush=True)
     peak = status_mib("VmHWM")
-    print(json.dumps({"peak_rss_mib": peak, "peak_over_loaded_mib": peak - rss_before}), flush=True)
+    final = {"peak_rss_mib": peak, "peak_over_loaded_mib": peak - rss_before}
+    if heap is not None:
+        final["peak_heap_mib"] = heap.peak_mib()
+    print(json.dumps(final), flush=True)
 
 
 class Worker:
@@ -318,6 +327,8 @@ def measure(methods: list[str], settings: dict, rounds: int, warmup: int, max_wo
                 "peak_over_loaded_ratio": peaks[method]["peak_over_loaded_mib"]
                 / peaks[reference]["peak_over_loaded_mib"],
             }
+            if "peak_heap_mib" in peaks[method]:
+                results[method]["peak_heap_ratio"] = peaks[method]["peak_heap_mib"] / peaks[reference]["peak_heap_mib"]
             print(
                 f"{method:28s} {results[method]['step_time_s']:.3f} s  time x{results[method]['time_ratio']:.3f}  "
                 f"peak RSS x{results[method]['peak_rss_ratio']:.3f}",
