@@ -14,7 +14,7 @@ system, so that the peak RSS comes close to the peak of live bytes.
 
 With `--heap_bytes` each process also counts its live heap bytes at every malloc and free (`heap_count.c`,
 `_record.HeapBytes`): every tensor's bytes and whatever else malloc hands out, without the libraries' code and data
-(about 0.4 GB of the process here, which no sharding halves) and without what the heap keeps after a free: the
+(about 330 MiB of the process here, which no sharding halves) and without what the heap keeps after a free: the
 nearest thing on CPU to a GPU's `torch.cuda.max_memory_allocated`.
 
     python benchmarks/fsdp_memory.py --output benchmarks/results/fsdp_memory.json
