@@ -99,7 +99,7 @@ def worker(args) -> None:
     from peft_diffprune import param_groups
 
     torch.set_num_threads(args.threads)
-    heap = HeapBytes() if args.heap_bytes else None
+    heap = HeapBytes() if HeapBytes.loaded() else None  # the parent's --heap_bytes preloads the counter
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -151,7 +151,6 @@ def run(method: str, processes: int, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
         settings = [f"--{k}={getattr(args, k)}" for k in ("model", "batch_size", "seq_len", "threads", "steps")]
         settings += [f"--units={args.units}"] + (["--rows"] if args.rows else [])
-        settings += ["--heap_bytes"] if args.heap_bytes else []
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port=29731"]
             + [__file__, "--worker", f"--method={method}", f"--out_dir={out_dir}", f"--warmup={args.warmup}"]
