@@ -278,3 +278,35 @@ def test_a_mask_whose_entries_do_not_fill_whole_bytes_is_kept_as_bools():
     packed = activations._two_valued(noise)
     assert packed.mask.dtype == torch.bool
     assert torch.equal(packed.unpack(), noise)
+
+
+def test_attention_dropouts_mask_is_rebuilt_once_for_its_two_uses(monkeypatch):
+    """The product's recipe and the product's own backward both unpack the mask: one rebuild serves both, and the
+    gradients stay those without lean activations, bit for bit."""
+    scores = torch.randn(2, 4, 16, 16, requires_grad=True)
+    values = torch.randn(2, 4, 16, 8, requires_grad=True)
+
+    def loss_and_grads():
+        torch.manual_seed(0)
+        probs = torch.nn.functional.dropout(scores.softmax(-1), p=0.1, training=True)
+        loss = (probs @ values).square().sum()
+        return loss, torch.autograd.grad(loss, (scores, values))
+
+    expected = loss_and_grads()
+    rebuilds = []
+    unpack_bits = activations.unpack_bits
+    monkeypatch.setattr(activations, "unpack_bits", lambda *args: rebuilds.append(1) or unpack_bits(*args))
+    with lean_activations():
+        lean = loss_and_grads()
+    assert len(rebuilds) == 1  # one mask, unpacked by two nodes
+    assert torch.equal(lean[0], expected[0])
+    for grad, lean_grad in zip(expected[1], lean[1], strict=True):
+        assert torch.equal(grad, lean_grad)
+
+
+def test_a_mask_rebuild_changed_in_place_is_not_handed_on():
+    noise = torch.zeros(16, 16).masked_fill_(torch.rand(16, 16) < 0.9, 1 / 0.9)
+    packed = activations._two_valued(noise)
+    first = packed.unpack()
+    first.mul_(2.0)  # whoever had it first changed it
+    assert torch.equal(packed.unpack(), noise)

@@ -102,17 +102,28 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class _TwoValued:
     """A saved tensor of +0.0 and one other, finite and positive, value `c`, as a mask and `c`: rebuilt as
     `mask * c` in two passes (a conversion and an in-place product), which gives `c` and +0.0 bit for bit. The mask
-    is kept as bits ([`pack_bits`]: an eighth of a bool mask's bytes) where its entries fill whole bytes."""
+    is kept as bits ([`pack_bits`]: an eighth of a bool mask's bytes) where its entries fill whole bytes.
 
-    __slots__ = ("mask", "value", "shape")
+    Attention dropout's mask is unpacked twice in one backward, by the recipe of the product it made and then by the
+    product's own node: the first rebuild is kept for the second, and dropped by it. A mask unpacked once keeps its
+    rebuild until its node frees what it saved, right after that node's backward."""
+
+    __slots__ = ("mask", "value", "shape", "rebuilt")
 
     def __init__(self, mask: torch.Tensor, value: torch.Tensor):
-        self.value, self.shape = value, mask.shape
+        self.value, self.shape, self.rebuilt = value, mask.shape, None
         self.mask = pack_bits(mask) if _PACKS_BITS and mask.numel() % 8 == 0 else mask
 
     def unpack(self) -> torch.Tensor:
+        if self.rebuilt is not None:
+            rebuilt, version = self.rebuilt
+            self.rebuilt = None
+            if rebuilt._version == version:  # not changed in place by whoever had it first
+                return rebuilt
         mask = self.mask if self.mask.dtype == torch.bool else unpack_bits(self.mask, self.shape)
-        return mask.to(self.value.dtype).mul_(self.value)
+        rebuilt = mask.to(self.value.dtype).mul_(self.value)
+        self.rebuilt = (rebuilt, rebuilt._version)
+        return rebuilt
 
 
 def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
