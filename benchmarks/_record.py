@@ -96,9 +96,9 @@ class HeapBytes:
     def __init__(self):
         import ctypes
 
-        process = ctypes.CDLL(None)
-        if not hasattr(process, "heap_peak_bytes"):
+        if not self.loaded():
             raise RuntimeError("HeapBytes: this process does not run under heap_count_env() (LD_PRELOAD).")
+        process = ctypes.CDLL(None)
         for name in ("heap_live_bytes", "heap_peak_bytes"):
             getattr(process, name).restype = ctypes.c_longlong
         self._process = process

@@ -106,7 +106,8 @@ class _TwoValued:
 
     Attention dropout's mask is unpacked twice in one backward, by the recipe of the product it made and then by the
     product's own node: the first rebuild is kept for the second, and dropped by it. A mask unpacked once keeps its
-    rebuild until its node frees what it saved, right after that node's backward."""
+    rebuild until its node frees what it saved: right after that node's backward, or with
+    `retain_graph=True` when the graph is freed."""
 
     __slots__ = ("mask", "value", "shape", "rebuilt")
 
