@@ -1,8 +1,11 @@
-"""Backward time of attention dropout (softmax, dropout, product with the values) without and with lean activations,
-and with lean activations rebuilding the dropout mask at each of its two unpacks (the code before the rebuild was
-kept for the second, emulated by patching `_TwoValued.unpack`).
+"""Forward and backward time of attention dropout (softmax, dropout, product with the values) without and with lean
+activations; with lean activations comparing, counting and packing the dropout mask with torch's ops instead of
+numpy's on CPU (`activations.NUMPY_ON_CPU = False`, the code before numpy's were used); and with lean activations
+rebuilding the dropout mask at each of its two unpacks (the code before the rebuild was kept for the second,
+emulated by patching `_TwoValued.unpack`).
 
-The three take turns `--reps` times (the first two of each are warm-ups); a time is the median of one backward.
+The variants take turns `--reps` times (the first two of each are warm-ups); a time is the median of one forward or
+one backward.
 
     python benchmarks/lean_attention.py --output benchmarks/results/lean_attention_minilm.json
 """
@@ -21,7 +24,7 @@ from peft_diffprune.diff_pruning import activations
 
 def rebuilt_at_each_unpack(self) -> torch.Tensor:
     mask = self.mask if self.mask.dtype == torch.bool else activations.unpack_bits(self.mask, self.shape)
-    return mask.to(self.value.dtype).mul_(self.value)
+    return mask.view(torch.uint8).to(self.value.dtype).mul_(self.value)
 
 
 def main() -> None:
@@ -37,28 +40,40 @@ def main() -> None:
     values = torch.randn(*args.shape[:3], args.head_dim, requires_grad=True)
     kept_unpack = activations._TwoValued.unpack
 
-    def backward_seconds() -> float:
+    def forward_and_backward_seconds() -> tuple[float, float]:
+        start = time.perf_counter()
         probs = torch.nn.functional.dropout(scores.softmax(-1), p=0.1, training=True)
         loss = (probs @ values).sum()
-        start = time.perf_counter()
+        middle = time.perf_counter()
         loss.backward()
-        return time.perf_counter() - start
+        return middle - start, time.perf_counter() - middle
 
-    times = {"plain": [], "lean": [], "lean_rebuilt_at_each_unpack": []}
+    names = ("plain", "lean", "lean_torch_ops", "lean_rebuilt_at_each_unpack")
+    times = {name: ([], []) for name in names}
     for _ in range(args.reps):
-        for name in times:
+        for name in names:
             activations._TwoValued.unpack = rebuilt_at_each_unpack if name.endswith("each_unpack") else kept_unpack
+            activations.NUMPY_ON_CPU = name != "lean_torch_ops"
             if name == "plain":
-                times[name].append(backward_seconds())
+                seconds = forward_and_backward_seconds()
             else:
                 with activations.lean_activations():
-                    times[name].append(backward_seconds())
+                    seconds = forward_and_backward_seconds()
+            for phase, value in zip(times[name], seconds, strict=True):
+                phase.append(value)
     activations._TwoValued.unpack = kept_unpack
+    activations.NUMPY_ON_CPU = True
     results = {
-        name: {"backward_ms": statistics.median(t[2:]) * 1e3, "backward_times_s": t} for name, t in times.items()
+        name: {
+            "forward_ms": statistics.median(forward[2:]) * 1e3,
+            "backward_ms": statistics.median(backward[2:]) * 1e3,
+            "forward_times_s": forward,
+            "backward_times_s": backward,
+        }
+        for name, (forward, backward) in times.items()
     }
     for name, result in results.items():
-        print(f"{name:28s} {result['backward_ms']:.1f} ms", flush=True)
+        print(f"{name:28s} forward {result['forward_ms']:.1f} ms, backward {result['backward_ms']:.1f} ms", flush=True)
     write_record(args.output, vars(args), results)
 
 

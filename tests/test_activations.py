@@ -110,9 +110,8 @@ def test_lean_activations_keep_fewer_bytes_and_no_new_tensor(method):
     masks = [k for k in kinds if isinstance(k, activations._TwoValued)]
     layers = case.model().config.num_hidden_layers
     assert len(masks) >= 3 * layers
-    # bits where the entries fill whole bytes, else bools
-    assert all(m.mask.dtype == (torch.uint8 if m.shape.numel() % 8 == 0 else torch.bool) for m in masks)
-    assert any(m.mask.dtype == torch.uint8 for m in masks)
+    # on CPU every mask is bits, the last byte padded
+    assert all(m.mask.dtype == torch.uint8 and m.mask.numel() == -(-m.shape.numel() // 8) for m in masks)
     assert len(recomputed) >= 3 * layers
     new = {ptr: size for ptr, size in lean.items() if ptr not in plain}
     assert sum(new.values()) == sum(m.mask.untyped_storage().nbytes() for m in masks)
@@ -158,8 +157,10 @@ def test_an_activation_changed_in_place_after_it_was_saved_is_rebuilt_as_it_was(
     assert torch.equal(weight.grad, expected)
 
 
+@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch_ops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_two_valued_tensors_round_trip_bit_for_bit(dtype):
+def test_two_valued_tensors_round_trip_bit_for_bit(monkeypatch, dtype, numpy_on_cpu):
+    monkeypatch.setattr(activations, "NUMPY_ON_CPU", numpy_on_cpu)
     mask = torch.rand(80, 64) < 0.9
     noise = torch.zeros(80, 64, dtype=dtype).masked_fill_(mask, 1 / 0.9)
     packed = activations._two_valued(noise)
@@ -260,7 +261,10 @@ def test_a_subset_of_recipes_keeps_the_others_as_they_are_and_changes_no_gradien
             lean_activations(bad)
 
 
-def test_bits_pack_eight_entries_to_a_byte_and_unpack_to_the_same_mask():
+@pytest.mark.parametrize("numpy_on_cpu", [True, False], ids=["numpy", "torch_shifts"])
+def test_bits_pack_eight_entries_to_a_byte_and_unpack_to_the_same_mask(monkeypatch, numpy_on_cpu):
+    """numpy's packbits on CPU and the torch shifts used off the CPU write the same bytes."""
+    monkeypatch.setattr(activations, "NUMPY_ON_CPU", numpy_on_cpu)
     mask = torch.rand(3, 40, 24) < 0.3
     packed = activations.pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.shape == (3 * 40 * 24 // 8,)
@@ -272,12 +276,19 @@ def test_bits_pack_eight_entries_to_a_byte_and_unpack_to_the_same_mask():
         assert torch.equal(activations.unpack_bits(activations.pack_bits(extreme), mask.shape), extreme)
 
 
-def test_a_mask_whose_entries_do_not_fill_whole_bytes_is_kept_as_bools():
+def test_a_mask_whose_entries_do_not_fill_whole_bytes_is_packed_on_cpu_and_kept_as_bools_by_the_shifts(monkeypatch):
     mask = torch.rand(7, 9) < 0.9  # 63 entries
     noise = torch.zeros(7, 9).masked_fill_(mask, 1 / 0.9)
     packed = activations._two_valued(noise)
+    assert packed.mask.dtype == torch.uint8 and packed.mask.numel() == 8  # the last byte padded
+    assert torch.equal(packed.mask[-1] >> 7, torch.tensor(0, dtype=torch.uint8))
+    assert torch.equal(packed.unpack(), noise)
+    monkeypatch.setattr(activations, "NUMPY_ON_CPU", False)  # the rule off the CPU
+    packed = activations._two_valued(noise)
     assert packed.mask.dtype == torch.bool
     assert torch.equal(packed.unpack(), noise)
+    assert not activations.packs_bits(torch.empty(63, dtype=torch.bool, device="meta"))
+    assert activations.packs_bits(torch.empty(64, dtype=torch.bool, device="meta")) == activations._PACKS_BITS
 
 
 def test_attention_dropouts_mask_is_rebuilt_once_for_its_two_uses(monkeypatch):
