@@ -48,6 +48,7 @@ def every_size(monkeypatch):
         ("llama", "pool"),
         ("llama", "full"),
         ("gpt2", "pool"),
+        ("gpt2", "full"),
         ("t5", "dense"),
         ("vit", "pool"),
     ],
@@ -125,6 +126,104 @@ def test_llama_products_and_silu_are_rebuilt():
     layers = case.model().config.num_hidden_layers
     # per layer: act(gate) (SiLU) and act(gate) * up, saved by the down projection and the product
     assert sum(isinstance(k, activations._Recomputed) for k in kinds) >= 2 * layers
+
+
+def _intermediates(kinds, width: int) -> tuple[int, int]:
+    """`(activations of the MLP's hidden width saved, of them kept as they are)`, parameters left out."""
+
+    def shape(kind):
+        return kind.tensor.shape if isinstance(kind, activations._Kept) else kind.shape
+
+    def parameter(kind):
+        return isinstance(kind, activations._Kept) and isinstance(kind.tensor, torch.nn.Parameter)
+
+    hidden = [k for k in kinds if shape(k)[-1:] == (width,) and not isinstance(k, activations._TwoValued)]
+    hidden = [k for k in hidden if not parameter(k)]
+    kept = [k for k in hidden if isinstance(k, activations._Kept)]
+    return len(hidden), len(kept)
+
+
+def _forward_kinds(model, batch) -> list:
+    """What each tensor a training forward saves is kept as (`activations._pack` applied by hand in forward only,
+    as `enable_lean_activations` applies it)."""
+    kinds = []
+
+    def pack(tensor):
+        kinds.append(activations._pack(tensor))
+        return kinds[-1]
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, activations._unpack):
+        loss = model(**batch).loss
+    loss.backward()
+    return kinds
+
+
+def test_gpt2_gelu_new_keeps_its_input_only():
+    model, case = build("gpt2", "full")
+    config = model.config
+    assert config.activation_function == "gelu_new"
+    batch = case.batch()
+    width = 4 * config.n_embd
+    # gelu_new is a formula: autograd keeps its input, the tanh, the input halved and one plus the tanh; its output
+    # (saved by c_proj) is rebuilt as the product of the last two
+    assert _intermediates(_forward_kinds(model, batch), width) == (5 * config.n_layer, 4 * config.n_layer)
+    enable_lean_activations(model)
+    for handle in model._lean_activation_hooks[-2:]:  # `_forward_kinds` applies the hooks itself
+        handle.remove()
+    # per layer: the input kept by the formula's node, and its output rebuilt from it
+    assert _intermediates(_forward_kinds(model, batch), width) == (2 * config.n_layer, config.n_layer)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, act: torch.nn.Module):
+        super().__init__()
+        self.up, self.act, self.down = torch.nn.Linear(8, 32), act, torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("name", activations.FORMULA_ACTIVATIONS)
+def test_formula_activations_give_the_same_gradients_bit_for_bit_and_are_restored(name):
+    transformers_activations = pytest.importorskip("transformers.activations")
+    if not hasattr(transformers_activations, name):
+        pytest.skip(f"this transformers has no {name}")
+    act_type = getattr(transformers_activations, name)
+    torch.manual_seed(0)
+    model = _MLP(act_type())
+    x = torch.randn(4, 16, 8)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = step()
+    enable_lean_activations(model)
+    assert model.act.forward.__func__ is activations._lean_formula_forward
+    calls = []
+    formula = act_type.forward
+
+    def counted(self, input):
+        calls.append(torch.is_grad_enabled())
+        return formula(self, input)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(act_type, "forward", counted)
+        lean_out, lean_grads = step()
+    assert torch.equal(out, lean_out) and all(map(torch.equal, grads, lean_grads))
+    # once in forward (no graph), once in backward: rebuilding the output for `down` replays it for the node too
+    assert calls == [False, True]
+    with torch.no_grad():  # no node without gradients: the plain formula
+        assert torch.equal(model(x), out)
+    node = model.act(model.up(x)).grad_fn
+    assert type(node).__name__ == activations._FORMULA_NODE and len(node.saved_tensors) == 1
+    disable_lean_activations(model)
+    assert "forward" not in vars(model.act) and model.act.forward.__func__ is act_type.forward
+    enable_lean_activations(model, recipes=("norms", "masks"))  # without "activations": the formula as it is
+    assert "forward" not in vars(model.act)
 
 
 def test_a_saved_tensor_changed_in_place_fails_as_without_lean_activations():

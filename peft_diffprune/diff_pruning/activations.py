@@ -7,6 +7,9 @@ attention probabilities after dropout beside the probabilities and that mask. [`
 `torch.autograd.graph.saved_tensors_hooks` context that stores each such tensor as a recipe instead:
 
 - the output of GELU or SiLU: recomputed from the input its backward keeps;
+- an activation written as a formula of several element-wise ops (transformers' `gelu_new` of GPT-2, `gelu_fast`,
+  `quick_gelu`; see `FORMULA_ACTIVATIONS`), for which autograd keeps four intermediates of the input's size: run as
+  one node that keeps its input only and replays the same formula in backward ([`enable_lean_activations`] only);
 - the output of `torch.nn.LayerNorm` (wrapped or not): recomputed from the input, weight and bias its backward keeps;
 - a product `a * b` whose node keeps both factors (Llama's `act(gate) * up`), or one factor and the softmax whose
   output is the other (attention dropout): recomputed from them;
@@ -21,6 +24,7 @@ hooks take over. [`enable_lean_activations`] turns it on for every training forw
 from __future__ import annotations
 
 import sys
+import types
 
 import numpy as np
 import torch
@@ -32,6 +36,11 @@ MIN_ENTRIES = 1 << 12
 #: What can be kept as a recipe: activation outputs (GELU, SiLU), layer norm outputs, products of kept factors, and
 #: dropout masks (two-valued tensors). Measured cost on MiniLM at 32 x 128 (docs/benchmarks.md): masks are most of it.
 RECIPES = ("activations", "norms", "products", "masks")
+
+#: transformers' activation modules (by class name) whose forward is a formula of element-wise ops, each saving an
+#: intermediate of the input's size (GPT-2's `gelu_new`: the input, the tanh, the input halved and one plus the
+#: tanh). Under [`enable_lean_activations`] they keep their input only.
+FORMULA_ACTIVATIONS = ("NewGELUActivation", "FastGELUActivation", "QuickGELUActivation", "AccurateGELUActivation")
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 #: Nodes whose saved output (`_saved_result`) is the tensor itself, as a factor of a product is found.
@@ -161,6 +170,55 @@ class _TwoValued:
         return rebuilt
 
 
+class _Formula(torch.autograd.Function):
+    """`formula(input)` as one node that saves `input` only. Backward replays the formula on a detached copy and
+    differentiates it with autograd: the same ops in the same order as the graph the formula builds alone, so the
+    gradient is bit for bit the same; what it costs is the formula's element-wise ops once more in backward. The
+    output's recipe (the next layer unpacks it first) replays it with gradients and leaves that graph to this
+    node's backward, so the formula runs once in backward, not twice."""
+
+    @staticmethod
+    def forward(ctx, formula, input):
+        ctx.formula, ctx.replayed = formula, None
+        ctx.save_for_backward(input)
+        return formula(input)
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaf, output = ctx.replayed or _replay(ctx)
+        ctx.replayed = None
+        (grad_input,) = torch.autograd.grad(output, leaf, grad)
+        return None, grad_input
+
+
+def _replay(node) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(a detached copy of the saved input that requires grad, the formula of it)`."""
+    (input,) = node.saved_tensors
+    with torch.enable_grad():
+        leaf = input.detach().requires_grad_()
+        return leaf, node.formula(leaf)
+
+
+_FORMULA_NODE = _Formula.__name__ + "Backward"
+
+
+def _lean_formula_forward(self, input):
+    """The forward of a `FORMULA_ACTIVATIONS` module under [`enable_lean_activations`]."""
+    formula = type(self).forward.__get__(self)
+    if torch.is_grad_enabled() and input.requires_grad and input.numel() >= MIN_ENTRIES:
+        return _Formula.apply(formula, input)
+    return formula(input)
+
+
+def _formula_modules(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if type(module).__name__ in FORMULA_ACTIVATIONS]
+
+
+def _recompute_formula(node) -> torch.Tensor:
+    node.replayed = _replay(node)
+    return node.replayed[1].detach()
+
+
 def _two_valued(tensor: torch.Tensor) -> _TwoValued | None:
     """The mask form of `tensor` if every entry is +0.0 or one other finite positive value (compared as bits),
     else None.
@@ -209,12 +267,14 @@ def _factor(node, index: int, saved: str):
 def _recipe(tensor: torch.Tensor, recipes: frozenset):
     node = tensor.grad_fn
     name = type(node).__name__
-    if name in ("GeluBackward0", "SiluBackward0") and "activations" not in recipes:
+    if name in ("GeluBackward0", "SiluBackward0", _FORMULA_NODE) and "activations" not in recipes:
         return None
     if name == "GeluBackward0":
         return lambda: torch.nn.functional.gelu(node._saved_self, approximate=node._saved_approximate)
     if name == "SiluBackward0":
         return lambda: torch.nn.functional.silu(node._saved_self)
+    if name == _FORMULA_NODE:
+        return lambda: _recompute_formula(node)
     if name == "NativeLayerNormBackward0" and "norms" in recipes:
         eps = getattr(tensor, _EPS, None)
         if eps is None:
@@ -293,8 +353,10 @@ def _layer_norm_eps(module: nn.Module) -> float | None:
 def enable_lean_activations(model: nn.Module, recipes=None) -> None:
     """Every forward of `model` with gradients (training, and choosing or regrowing a candidate pool) runs in
     [`lean_activations`] with `recipes` (default all of `RECIPES`), and the outputs of its layer norms
-    (`nn.LayerNorm`, diff-pruned or not) are recomputed in backward. Call it once, before [`select_pool`] and
-    training; it changes no number; `disable_lean_activations` undoes it (call that first to change `recipes`)."""
+    (`nn.LayerNorm`, diff-pruned or not) are recomputed in backward. With the `"activations"` recipe, its
+    `FORMULA_ACTIVATIONS` modules (GPT-2's `gelu_new`) keep their input only. Call it once, before [`select_pool`]
+    and training; it changes no number; `disable_lean_activations` undoes it (call that first to change
+    `recipes`)."""
     chosen = _recipe_set(recipes)
     if getattr(model, "_lean_activation_hooks", None):
         if chosen != getattr(model, "_lean_activation_recipes", chosen):
@@ -309,6 +371,9 @@ def enable_lean_activations(model: nn.Module, recipes=None) -> None:
         for module in model.modules()
         if (eps := _layer_norm_eps(module)) is not None
     ]
+    if "activations" in chosen:
+        for module in _formula_modules(model):
+            module.forward = types.MethodType(_lean_formula_forward, module)
     contexts = []
 
     def enter(module, args):
@@ -335,6 +400,10 @@ def disable_lean_activations(model: nn.Module) -> None:
     for handle in getattr(model, "_lean_activation_hooks", ()):
         handle.remove()
     model._lean_activation_hooks = []
+    for module in _formula_modules(model):
+        # a forward set on the instance after ours (a hook library's) is left as it is, with ours inside it
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _lean_formula_forward:
+            del module.forward
 
 
 def _tag_eps(eps: float):
