@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -420,3 +421,34 @@ def test_a_mask_rebuild_changed_in_place_is_not_handed_on():
     first = packed.unpack()
     first.mul_(2.0)  # whoever had it first changed it
     assert torch.equal(packed.unpack(), noise)
+
+
+@pytest.mark.parametrize("method", ["dense", "pool", "full"])
+def test_t5_v1_1_gated_gelu_is_kept_lean_with_the_same_gradients(monkeypatch, method):
+    """T5 v1.1 (and Flan-T5) gate their feed-forward with `gelu_new`: its formula keeps its input only there too."""
+    import conftest
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = conftest.MODEL_CASES["t5"]
+
+    def gated_t5():
+        settings = t5.build().config.to_dict()
+        for derived in ("is_gated_act", "dense_act_fn"):  # set from `feed_forward_proj` by the config
+            settings.pop(derived)
+        return T5ForConditionalGeneration(T5Config(**{**settings, "feed_forward_proj": "gated-gelu"}))
+
+    case = dataclasses.replace(t5, name="t5_gated", build=gated_t5)
+    monkeypatch.setitem(conftest.MODEL_CASES, "t5_gated", case)
+    monkeypatch.setitem(CASES, "t5_gated", case)
+    model, case = build("t5_gated", method)
+    gated = [m for m in model.modules() if type(m).__name__ == "T5DenseGatedActDense"]
+    assert gated and all(type(m.act).__name__ == "NewGELUActivation" for m in gated)
+    batch = case.batch()
+    loss, grads, _ = train_step(model, batch)
+    enable_lean_activations(model)
+    assert all(m.act.forward.__func__ is activations._lean_formula_forward for m in gated)
+    lean_loss, lean_grads, _ = train_step(model, batch)
+    assert torch.equal(loss, lean_loss)
+    assert grads.keys() == lean_grads.keys() and any(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        assert (grad is None and lean_grads[name] is None) or torch.equal(grad, lean_grads[name]), name
