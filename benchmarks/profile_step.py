@@ -21,11 +21,34 @@ from train_step import DTYPES, METHODS, OPTIMIZERS, build, make_batches, train_s
 PHASES = ("forward", "backward", "optimizer")
 
 
+def pool_methods() -> tuple[str, ...]:
+    """The candidate pool's methods of `pool_memory.py` (`pool`, `pool_lean`, ...), which `--pool` sizes."""
+    import pool_memory
+
+    return tuple(
+        m + x
+        for m in (*pool_memory.METHODS, pool_memory.WHOLE_TRANSPOSES, pool_memory.SAMPLED_ONLY)
+        for x in ("", pool_memory.CHECKPOINTED, pool_memory.SELECTIVE, pool_memory.LEAN, pool_memory.LEAN_CHEAP)
+        if m not in METHODS or x
+    )
+
+
+def build_method(method: str, args):
+    """`train_step.build`, or `pool_memory.build` for a pool method (its pool chosen from `--score_batches` of the
+    profiled batches' shape)."""
+    if method in METHODS:
+        return build(method, args.model, args.dtype, args.optimizer)
+    import pool_memory
+
+    pool_memory.BATCH_SHAPE, pool_memory.SCORE_BATCHES = (args.batch_size, args.seq_len), args.score_batches
+    return pool_memory.build(method, args.model, args.dtype, args.optimizer, args.pool)
+
+
 def profile_in_rounds(args) -> dict:
     """Per method: milliseconds per step of each phase and of each operator's self CPU time."""
     runs = {}
     for method in args.methods:
-        model, optimizer = build(method, args.model, args.dtype, args.optimizer)
+        model, optimizer = build_method(method, args)
         model.train()
         runs[method] = (model, optimizer, make_batches(model.config.vocab_size, args.batch_size, args.seq_len))
         for step in range(args.warmup):
@@ -55,11 +78,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="of the base model and the adapter state")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="fused", help="how AdamW runs")
+    parser.add_argument("--pool", type=float, default=8.0, help="a pool method's pool, times the 0.5%% budget")
+    parser.add_argument("--score_batches", type=int, default=1, help="batches that choose a pool method's pool")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--output", default="benchmarks/results/profile_step.json")
     args = parser.parse_args()
-    if not set(args.methods) <= set(METHODS) or args.methods[0] != "full":
-        raise ValueError(f"--methods must start with 'full' and be among {METHODS}, got {args.methods}")
+    known = (*METHODS, *pool_methods())
+    if not set(args.methods) <= set(known) or args.methods[0] != "full":
+        raise ValueError(f"--methods must start with 'full' and be among {known}, got {args.methods}")
     torch.set_num_threads(args.threads)
     results = profile_in_rounds(args)
     full = results["full"]["self_cpu_ms"]
