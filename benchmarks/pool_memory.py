@@ -50,6 +50,9 @@ SELECTIVE = "_selective"
 #: `LEAN_CHEAP` with the recipes that cost least time only (no masks, no activation outputs: norms and products).
 LEAN = "_lean"
 LEAN_CHEAP = "_lean_cheap"
+#: Suffix (outermost) of a method trained with `peft_diffprune.enable_threaded_dropout`: dropout masks drawn over
+#: threads and kept as bits (other masks than torch's, the same dropout).
+THREADED = "_threaded"
 CHEAP_RECIPES = ("norms", "products")
 _build = train_step.build
 
@@ -74,11 +77,16 @@ def lean_kwargs(method: str) -> tuple[str, bool, tuple[str, ...] | None]:
 
 def build(method: str, model_name: str, dtype: str = "fp32", optimizer: str = "fused", pool: float = 4.0):
     """`train_step.build`, plus `pool`: the gated stage over a candidate pool `pool` times the 0.5% budget (and
-    `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`, and any method with the suffix `CHECKPOINTED`, `SELECTIVE` or `LEAN`).
+    `WHOLE_TRANSPOSES`, `SAMPLED_ONLY`, and any method with the suffix `CHECKPOINTED`, `SELECTIVE` or `LEAN`, then
+    `THREADED`).
     A pool's checkpointing and lean activations are on before the pool is chosen, as `examples/glue.py` does, so
     choosing it is measured with them."""
-    from peft_diffprune import enable_lean_activations
+    from peft_diffprune import enable_lean_activations, enable_threaded_dropout
 
+    if method.endswith(THREADED):
+        model, optimizer = build(method.removesuffix(THREADED), model_name, dtype, optimizer, pool)
+        enable_threaded_dropout(model)
+        return model, optimizer
     method, lean, recipes = lean_kwargs(method)
     method, checkpointing = checkpointing_kwargs(method)
     if method != "pool":
@@ -196,6 +204,8 @@ def main() -> None:
             WHOLE_TRANSPOSES,
             SAMPLED_ONLY,
             *(m + x for m in METHODS for x in (CHECKPOINTED, SELECTIVE, LEAN, LEAN_CHEAP)),
+            *(m + THREADED for m in METHODS),
+            *(m + x + THREADED for m in METHODS for x in (CHECKPOINTED, SELECTIVE, LEAN, LEAN_CHEAP)),
         ],
     )
     parser.add_argument("--model", default="minilm")
@@ -261,7 +271,7 @@ def main() -> None:
     else:
         results = train_step.measure(args.methods, settings, args.rounds, args.warmup, args.max_workers)
     for method in args.methods:
-        if checkpointing_kwargs(lean_kwargs(method)[0])[0] != "pool":
+        if checkpointing_kwargs(lean_kwargs(method.removesuffix(THREADED))[0])[0] != "pool":
             continue
         one_off = subprocess.run(
             [

@@ -4,8 +4,10 @@ from .diff_pruning import (
     SparsityReport,
     deterministic_gate,
     disable_lean_activations,
+    disable_threaded_dropout,
     enable_checkpointing,
     enable_lean_activations,
+    enable_threaded_dropout,
     expected_l0,
     from_finetuned,
     gather_adapter_state_dict,
@@ -18,6 +20,7 @@ from .diff_pruning import (
     selective_checkpointing,
     shard_embedding_rows,
     sparsity_report,
+    threaded_dropout,
 )
 from .mam import MAMConfig, MAMModel
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
@@ -56,8 +59,10 @@ __all__ = [
     "clip_grad_norm_per_group",
     "deterministic_gate",
     "disable_lean_activations",
+    "disable_threaded_dropout",
     "enable_checkpointing",
     "enable_lean_activations",
+    "enable_threaded_dropout",
     "expected_l0",
     "from_finetuned",
     "gather_adapter_state_dict",
@@ -72,4 +77,5 @@ __all__ = [
     "shard_embedding_rows",
     "sparsity_report",
     "stage_scheduler",
+    "threaded_dropout",
 ]

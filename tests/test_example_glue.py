@@ -670,3 +670,15 @@ def test_the_main_jobs_flags_on_a_tiny_slice(runs):
     assert list(table_rows((output_dir / "table.txt").read_text())) == ["method", "diff_pruning"]
     saved = json.loads((output_dir / "adapter_config.json").read_text())
     assert saved["penalty_until_target"] is ("--penalty_until_target" in flags)
+
+
+def test_threaded_dropout_of_a_pool_run_without_dropout_changes_no_number(runs, tiny_model, eval_batch):
+    """--threaded_dropout: its hooks sit on every module through choosing, training, projecting, saving and
+    evaluating the pool; the tiny model has no dropout, so every number is that of the same run without it."""
+    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
+    reference = load_results(runs("candidate_pool", pool_args))
+    output_dir = runs("candidate_pool_threaded_dropout", [*pool_args, "--threaded_dropout"])
+    results = load_results(output_dir)
+    assert results["kept"] == reference["kept"]
+    assert results["metrics"] == reference["metrics"]
+    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)

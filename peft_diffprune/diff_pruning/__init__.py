@@ -3,6 +3,7 @@ from .candidates import regrow_pool, select_pool
 from .checkpointing import enable_checkpointing, selective_checkpointing
 from .config import DiffPruningConfig
 from .distributed import gather_adapter_state_dict
+from .dropout import disable_threaded_dropout, enable_threaded_dropout, threaded_dropout
 from .gates import deterministic_gate, hard_concrete_delta
 from .model import DiffPruningModel, expected_l0, get_tuner
 from .rows import shard_embedding_rows
@@ -15,8 +16,10 @@ __all__ = [
     "SparsityReport",
     "deterministic_gate",
     "disable_lean_activations",
+    "disable_threaded_dropout",
     "enable_checkpointing",
     "enable_lean_activations",
+    "enable_threaded_dropout",
     "expected_l0",
     "from_finetuned",
     "gather_adapter_state_dict",
@@ -29,4 +32,5 @@ __all__ = [
     "selective_checkpointing",
     "shard_embedding_rows",
     "sparsity_report",
+    "threaded_dropout",
 ]

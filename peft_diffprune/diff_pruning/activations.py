@@ -200,6 +200,8 @@ def _replay(node) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _FORMULA_NODE = _Formula.__name__ + "Backward"
+#: `dropout._ThreadedDropout`'s node (named here: that module imports this one).
+_DROPOUT_NODE = "_ThreadedDropoutBackward"
 
 
 def _lean_formula_forward(self, input):
@@ -275,6 +277,14 @@ def _recipe(tensor: torch.Tensor, recipes: frozenset):
         return lambda: torch.nn.functional.silu(node._saved_self)
     if name == _FORMULA_NODE:
         return lambda: _recompute_formula(node)
+    if name == _DROPOUT_NODE and "products" in recipes:
+        # threaded dropout's output (attention weights saved by the product with the values): softmax output * noise
+        producer, output_nr = node.next_functions[0]
+        if producer is None or output_nr != 0 or type(producer).__name__ not in _RESULT_NODES:
+            return None
+        from .dropout import _noise
+
+        return lambda: producer._saved_result * _noise(node)
     if name == "NativeLayerNormBackward0" and "norms" in recipes:
         eps = getattr(tensor, _EPS, None)
         if eps is None:

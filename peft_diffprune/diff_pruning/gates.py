@@ -104,19 +104,26 @@ def _uniform_noise(alpha: torch.Tensor) -> torch.Tensor:
         return torch.rand_like(alpha, dtype=torch.float32)
     noise = torch.empty(alpha.shape, dtype=torch.float32)
     flat = noise.view(-1).numpy()
+    draw_in_chunks(flat.size, lambda generator, start, stop: generator.random(dtype=np.float32, out=flat[start:stop]))
+    return noise
+
+
+def draw_in_chunks(size: int, fill) -> None:
+    """`fill(generator, start, stop)` for each chunk of `NOISE_CHUNK` entries of `range(size)`, on all of torch's
+    threads, each chunk's `generator` numpy's PCG64 seeded with `(seed, chunk)` from one seed drawn from torch's
+    default CPU generator: the same draws for a seed whatever the number of threads (CPU noise, dropout masks)."""
     seed = int(torch.randint(1 << 62, (1,)))
 
-    def fill(chunk: int) -> None:
+    def run(chunk: int) -> None:
         generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence((seed, chunk))))
-        generator.random(dtype=np.float32, out=flat[chunk * NOISE_CHUNK : (chunk + 1) * NOISE_CHUNK])
+        fill(generator, chunk * NOISE_CHUNK, min((chunk + 1) * NOISE_CHUNK, size))
 
-    chunks = range(-(-flat.size // NOISE_CHUNK))
+    chunks = range(-(-size // NOISE_CHUNK))
     if len(chunks) == 1 or torch.get_num_threads() == 1:
         for chunk in chunks:
-            fill(chunk)
+            run(chunk)
     else:
-        list(_noise_threads().map(fill, chunks))
-    return noise
+        list(_noise_threads().map(run, chunks))
 
 
 def _sample_gate(alpha: torch.Tensor, stretch: tuple[float, float], noise: torch.Tensor | None = None) -> torch.Tensor:
