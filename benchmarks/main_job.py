@@ -70,6 +70,12 @@ for seed in (1, 2, 3):
     CANDIDATES[f"sst2_n2000_e2_until_target_seed{seed}"] = [
         *CANDIDATES["sst2_n2000_e2"], "--seed", str(seed), "--penalty_until_target"
     ]  # fmt: skip
+# Threaded dropout (--threaded_dropout, the same dropout with other random masks): the same seeds, beside the
+# plain runs for time (benchmarks/results/threaded_dropout_main_job.jsonl).
+for seed in (1, 2, 3):
+    CANDIDATES[f"sst2_n2000_e2_until_target_threaded_seed{seed}"] = [
+        *CANDIDATES[f"sst2_n2000_e2_until_target_seed{seed}"], "--threaded_dropout"
+    ]  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
