@@ -16,8 +16,15 @@ from fsdp_worker import RESULTS, record, shard, train_steps
 from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
-from peft_diffprune import DiffPruningConfig, enable_lean_activations, regrow_pool, select_pool
+from peft_diffprune import (
+    DiffPruningConfig,
+    enable_lean_activations,
+    enable_threaded_dropout,
+    regrow_pool,
+    select_pool,
+)
 from peft_diffprune.diff_pruning import activations
+from peft_diffprune.diff_pruning import dropout as threaded
 from peft_diffprune.diff_pruning.layer import DiffPruningLayer
 from peft_diffprune.diff_pruning.pool import is_pool
 
@@ -91,11 +98,34 @@ def check_sharded(kind: str) -> None:
     finally:
         activations._pack, activations.MIN_ENTRIES = pack, min_entries
     record(f"{kind}/pool_lean/recipes", sum(lean_packs))  # saved tensors kept as recipes: lean was on
+    check_threaded_dropout(kind)
     try:
         regrow_pool(sharded, [MODEL_CASES["bert"].batch()])
         record(f"{kind}/regrow_refused", 0.0)
     except ValueError as error:
         record(f"{kind}/regrow_refused", float("before sharding" in str(error)))
+
+
+def check_threaded_dropout(kind: str) -> None:
+    """With dropout on and threaded dropout on both models, the sharded pool trains as the unsharded one: the same
+    seed draws the same masks under FSDP's hooks (attention dropout inside sdpa included)."""
+    model = pool_model()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    reference = copy.deepcopy(model)
+    sharded = shard(model, kind)
+    for each in (reference, sharded):
+        enable_threaded_dropout(each)
+    draws = []
+    mask, min_entries = threaded.bernoulli_mask, threaded.MIN_ENTRIES
+    threaded.bernoulli_mask = lambda shape, keep: draws.append(len(shape)) or mask(shape, keep)
+    threaded.MIN_ENTRIES = 0  # tiny tensors
+    try:
+        train_steps(reference, sharded, kind, f"{kind}/pool_threaded", MODEL_CASES["bert"].batch(), steps=2)
+    finally:
+        threaded.bernoulli_mask, threaded.MIN_ENTRIES = mask, min_entries
+    record(f"{kind}/pool_threaded/attention_masks", float(draws.count(4)))
 
 
 def main() -> None:

@@ -808,6 +808,11 @@ def test_fsdp_trains_a_pool_chosen_before_sharding(two_ranks, kind):
     assert two_ranks[f"{kind}/pool_lean/loss"] < 1e-5
     assert two_ranks[f"{kind}/pool_lean/grads"] < 1e-5
     assert two_ranks[f"{kind}/pool_lean/recipes"] > 0
+    # with dropout, threaded on both models: the same masks for the same seed under FSDP's hooks
+    assert two_ranks[f"{kind}/pool_threaded/loss"] < 1e-5
+    assert two_ranks[f"{kind}/pool_threaded/grads"] < 1e-5
+    # 2 steps x 2 models x 2 layers, attention dropout inside sdpa
+    assert two_ranks[f"{kind}/pool_threaded/attention_masks"] == 8
     assert two_ranks[f"{kind}/regrow_refused"] == 1.0  # with a clear error naming the fix
 
 
