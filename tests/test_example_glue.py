@@ -636,9 +636,15 @@ def test_lean_activations_of_a_pool_run_change_no_number(runs, tiny_model, eval_
     """--lean_activations: the pool is chosen and trained with its GELU and layer norm outputs and its masks saved as
     recipes, which rebuild the same bits, so the run's metrics, kept entries and saved adapter are those of the same
     run without it."""
+    assert_pool_run_is_the_plain_one(runs, tiny_model, eval_batch, "candidate_pool_lean", ["--lean_activations"])
+
+
+def assert_pool_run_is_the_plain_one(runs, tiny_model, eval_batch, name: str, flags: list[str]) -> None:
+    """The candidate pool run with `flags` has the plain run's kept entries and metrics, bit for bit, and saves an
+    adapter that reproduces them."""
     pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
     reference = load_results(runs("candidate_pool", pool_args))
-    output_dir = runs("candidate_pool_lean", [*pool_args, "--lean_activations"])
+    output_dir = runs(name, [*pool_args, *flags])
     results = load_results(output_dir)
     assert results["kept"] == reference["kept"]
     assert results["metrics"] == reference["metrics"]
@@ -675,10 +681,6 @@ def test_the_main_jobs_flags_on_a_tiny_slice(runs):
 def test_threaded_dropout_of_a_pool_run_without_dropout_changes_no_number(runs, tiny_model, eval_batch):
     """--threaded_dropout: its hooks sit on every module through choosing, training, projecting, saving and
     evaluating the pool; the tiny model has no dropout, so every number is that of the same run without it."""
-    pool_args = ["--per_device_train_batch_size", "8", "--candidate_pool", "4", "--pool_regrow_steps", "2"]
-    reference = load_results(runs("candidate_pool", pool_args))
-    output_dir = runs("candidate_pool_threaded_dropout", [*pool_args, "--threaded_dropout"])
-    results = load_results(output_dir)
-    assert results["kept"] == reference["kept"]
-    assert results["metrics"] == reference["metrics"]
-    assert_saved_model_reproduces(output_dir, tiny_model, eval_batch, results)
+    assert_pool_run_is_the_plain_one(
+        runs, tiny_model, eval_batch, "candidate_pool_threaded_dropout", ["--threaded_dropout"]
+    )
