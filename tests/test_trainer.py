@@ -318,3 +318,22 @@ def test_the_stage_optimizer_is_fused_adamw_on_cpu(tmp_path, in_backward):
     assert all(group["fused"] for group in trainer.create_optimizer().param_groups)
     cpu, meta = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, device="meta"))
     assert fused_adamw_supported([{"params": [cpu]}]) and not fused_adamw_supported([{"params": [cpu, meta]}])
+
+
+def test_threaded_dropout_draws_every_mask_of_both_stages(tmp_path, monkeypatch):
+    """enable_threaded_dropout(model) before train(): the hooks stay with the model through projection, so both
+    stages draw their masks threaded (8 dropouts a forward: embeddings, pooled output, 3 per layer)."""
+    from test_checkpointing import with_dropout
+
+    from peft_diffprune import enable_threaded_dropout
+    from peft_diffprune.diff_pruning import dropout as threaded
+
+    monkeypatch.setattr(threaded, "MIN_ENTRIES", 0)  # the tiny model's activations
+    draws = []
+    draw = threaded.bernoulli_mask
+    monkeypatch.setattr(threaded, "bernoulli_mask", lambda shape, keep: draws.append(shape) or draw(shape, keep))
+    trainer = _trainer(tmp_path)
+    enable_threaded_dropout(with_dropout(trainer.model))
+    trainer.train()
+    assert len(draws) == 8 * (GATED_STEPS + FIXMASK_STEPS)
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
