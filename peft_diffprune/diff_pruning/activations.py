@@ -121,6 +121,12 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return _unpack_bits_by_shifts(packed, shape)
 
 
+def scaled_mask(mask: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`mask * value` for a bool `mask` and a 0-d `value`: +0.0 and `value` bit for bit, in `value`'s dtype, made
+    from the mask's bytes (0 or 1), as a uint8 conversion is 4x faster than a bool one on CPU."""
+    return mask.view(torch.uint8).to(value.dtype).mul_(value)
+
+
 def _pack_bits_by_shifts(mask: torch.Tensor) -> torch.Tensor:
     """[`pack_bits`] with torch ops, for whole bytes on a little-endian machine: each group of 8 bools read as one
     int64 (byte `k` in bits `8 k` to `8 k + 7`, 0 or 1), its 8 low bits gathered into the lowest byte by three
@@ -164,8 +170,7 @@ class _TwoValued:
             if rebuilt._version == version:  # not changed in place by whoever had it first
                 return rebuilt
         mask = self.mask if self.mask.dtype == torch.bool else unpack_bits(self.mask, self.shape)
-        # from the mask's bytes (0 or 1): a uint8 conversion is 4x faster than a bool one on CPU
-        rebuilt = mask.view(torch.uint8).to(self.value.dtype).mul_(self.value)
+        rebuilt = scaled_mask(mask, self.value)
         self.rebuilt = (rebuilt, rebuilt._version)
         return rebuilt
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .activations import pack_bits, unpack_bits
+from .activations import pack_bits, scaled_mask, unpack_bits
 from .gates import THREADED_NOISE_MIN, draw_in_chunks
 
 
@@ -72,9 +72,8 @@ class _ThreadedDropout(torch.autograd.Function):
     def forward(ctx, input, p):
         mask = bernoulli_mask(input.shape, 1.0 - p)
         ctx.value, ctx.shape, ctx.rebuilt = _scale(p, input.dtype), input.shape, None
-        noise = mask.view(torch.uint8).to(input.dtype).mul_(ctx.value)
         ctx.save_for_backward(pack_bits(mask))
-        return input * noise
+        return input * scaled_mask(mask, ctx.value)
 
     @staticmethod
     def backward(ctx, grad):
@@ -91,8 +90,7 @@ def _noise(node) -> torch.Tensor:
     caller's copy is kept for the node's own backward, which drops it)."""
     if node.rebuilt is None:
         (bits,) = node.saved_tensors
-        mask = unpack_bits(bits, node.shape)
-        node.rebuilt = mask.view(torch.uint8).to(node.value.dtype).mul_(node.value)
+        node.rebuilt = scaled_mask(unpack_bits(bits, node.shape), node.value)
     return node.rebuilt
 
 
@@ -167,34 +165,38 @@ def threaded_dropout() -> TorchFunctionMode:
     return _Mode()
 
 
+#: This thread's mode while hooked forwards run (`mode`), and how many of them are running (`depth`).
 _active = threading.local()
+
+
+def _enter(module, args) -> None:
+    depth = getattr(_active, "depth", 0)
+    if depth == 0:
+        _active.mode = _Mode()
+        _active.mode.__enter__()
+    _active.depth = depth + 1
+
+
+def _leave(module, args, output) -> None:
+    depth = getattr(_active, "depth", 0)
+    if depth == 0:  # a hook before ours failed, so ours never entered
+        return
+    _active.depth = depth - 1
+    if depth == 1:
+        mode, _active.mode = _active.mode, None
+        mode.__exit__(None, None, None)
 
 
 def enable_threaded_dropout(model: nn.Module) -> None:
     """Every forward of `model` and of each of its modules (so that a layer recomputed by activation checkpointing
-    draws the same mask again) runs in [`threaded_dropout`]. Undo with [`disable_threaded_dropout`]; calling it
-    again changes nothing."""
+    draws the same mask again) runs in [`threaded_dropout`]: the outermost hooked forward of a thread enters it and
+    leaves it, even when it fails. Undo with [`disable_threaded_dropout`]; calling it again changes nothing."""
     if getattr(model, "_threaded_dropout_hooks", None):
         return
-    entered = []
-
-    def enter(module, args):
-        if getattr(_active, "mode", None) is None:
-            _active.mode = _Mode()
-            _active.mode.__enter__()
-            entered.append(True)
-        else:
-            entered.append(False)
-
-    def leave(module, args, output):
-        if entered.pop():
-            mode, _active.mode = _active.mode, None
-            mode.__exit__(None, None, None)
-
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave, always_call=True))
+        handles.append(module.register_forward_pre_hook(_enter))
+        handles.append(module.register_forward_hook(_leave, always_call=True))
     model._threaded_dropout_hooks = handles
 
 
