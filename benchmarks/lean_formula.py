@@ -45,7 +45,7 @@ def saved_bytes(model, batch) -> dict:
 
     def pack(tensor):
         nonlocal rebuilt
-        packed = activations._pack(tensor) if lean[0] else activations._Kept(tensor)
+        packed = activations._pack(tensor) if lean else activations._Kept(tensor)
         if isinstance(packed, activations._TwoValued):
             count(masks, packed.mask)
         elif isinstance(packed, activations._Kept):
@@ -54,8 +54,8 @@ def saved_bytes(model, batch) -> dict:
             rebuilt += 1
         return packed
 
-    lean = [bool(getattr(model, "_lean_activation_hooks", None))]
-    hooks = model._lean_activation_hooks[-2:] if lean[0] else []
+    lean = bool(getattr(model, "_lean_activation_hooks", None))
+    hooks = model._lean_activation_hooks[-2:] if lean else []
     for handle in hooks:  # the model's own context: `pack` is applied here instead
         handle.remove()
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def saved_bytes(model, batch) -> dict:
         loss = model(**batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
-    if lean[0]:  # on again with its context
+    if lean:  # on again with its context
         recipes = model._lean_activation_recipes
         disable_lean_activations(model)
         enable_lean_activations(model, recipes)
